@@ -1,0 +1,337 @@
+"""Preference data: read a source, recognise its format, normalise every row to one pair shape.
+
+The pair shape is TRL's conversational preference format:
+    {"prompt": [messages...], "chosen": [assistant message], "rejected": [assistant message]}
+so the tokenizer's chat template is applied by TRL exactly as in a plain DPOTrainer run. Rows
+whose transcripts carry no roles (Anthropic HH's "\\n\\nHuman: ... \\n\\nAssistant: ...") stay as
+TRL's standard string format. Bad rows are reported with their row numbers, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .recipe import LoadedRecipe, SourceConfig
+
+
+@dataclass
+class SourceReport:
+    label: str
+    total: int = 0
+    used: int = 0
+    formats: Counter = field(default_factory=Counter)
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (1-based row, reason)
+    duplicates: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.label}: {self.used} pairs used of {self.total} rows"]
+        if self.bad:
+            parts.append(f"{len(self.bad)} bad dropped ({_rows_text(self.bad)})")
+        if self.duplicates:
+            parts.append(f"{len(self.duplicates)} exact duplicates dropped (rows {_list_text(self.duplicates)})")
+        return "; ".join(parts)
+
+
+def _list_text(rows: list[int], n: int = 8) -> str:
+    head = ", ".join(str(r) for r in rows[:n])
+    return head + (f", ... {len(rows) - n} more" if len(rows) > n else "")
+
+
+def _rows_text(bad: list[tuple[int, str]], n: int = 5) -> str:
+    head = "; ".join(f"row {r}: {why}" for r, why in bad[:n])
+    return head + (f"; ... {len(bad) - n} more" if len(bad) > n else "")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_source(src: SourceConfig, recipe: LoadedRecipe | None = None) -> list[dict]:
+    """All rows of a source as dicts, in file order."""
+    if src.dataset is not None:
+        return _read_hub(src)
+    path = recipe.resolve(src.path) if recipe else Path(src.path)
+    return read_file(path)
+
+
+def read_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = []
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+            return rows
+        if suffix == ".json":
+            with path.open(encoding="utf-8") as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg})") from None
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows (or JSON lines in a .jsonl file)")
+            return data
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        if suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                return list(csv.DictReader(f))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
+
+
+def _read_hub(src: SourceConfig) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.dataset, split=src.split, revision=src.revision)
+    except Exception as e:  # the Hub client raises many types; all mean "not reachable here"
+        raise DataError(
+            f"dataset {src.dataset!r} (split {src.split!r}) is not reachable: {type(e).__name__}: {e}. "
+            "Without network access (HF_HUB_OFFLINE=1), download it first or point `path` at a local file."
+        ) from None
+    return ds.to_list()
+
+
+# ----------------------------------------------------------------------------- normalising
+
+
+def _msg(role: str, content: Any) -> dict:
+    return {"role": role, "content": content}
+
+
+def _check_messages(msgs: Any, what: str) -> str | None:
+    if not isinstance(msgs, list) or not msgs:
+        return f"{what} is not a non-empty list of messages"
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"{what}[{i}] has no role/content"
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            return f"{what}[{i}] role/content is not a string"
+    return None
+
+
+def _sharegpt(msgs: Any) -> list[dict]:
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    if isinstance(msgs, dict):
+        msgs = [msgs]
+    return [_msg(roles.get(m.get("from"), m.get("from")), m.get("value")) for m in msgs]
+
+
+def detect_format(row: dict) -> str:
+    keys = set(row)
+    if {"input", "preferred_output", "non_preferred_output"} <= keys:
+        return "openai"
+    if {"conversations", "chosen", "rejected"} <= keys:
+        return "sharegpt"
+    if {"question", "chosen", "rejected"} <= keys:
+        return "orca"
+    if {"prompt", "chosen", "rejected"} <= keys:
+        return "conversational" if isinstance(row["chosen"], list) else "standard"
+    if {"chosen", "rejected"} <= keys:
+        return "implicit"
+    return "unknown"
+
+
+def normalise(row: Any) -> tuple[str, dict | None, str | None]:
+    """(format, pair, None) for a good row, (format, None, reason) for a bad one."""
+    if not isinstance(row, dict):
+        return "unknown", None, "row is not an object"
+    fmt = detect_format(row)
+    try:
+        pair = _to_pair(fmt, row)
+    except _Bad as e:
+        return fmt, None, str(e)
+    return fmt, pair, _check_pair(pair)
+
+
+class _Bad(Exception):
+    pass
+
+
+def _need_str(row: dict, key: str) -> str:
+    v = row.get(key)
+    if not isinstance(v, str):
+        raise _Bad(f"`{key}` is {'missing' if v is None else type(v).__name__}, not a string")
+    return v
+
+
+def _to_pair(fmt: str, row: dict) -> dict:
+    from trl.data_utils import extract_prompt
+
+    if fmt == "openai":
+        inp = row["input"]
+        prompt = inp.get("messages") if isinstance(inp, dict) else None
+        return {"prompt": prompt, "chosen": row["preferred_output"], "rejected": row["non_preferred_output"]}
+    if fmt == "orca":
+        prompt = [_msg("user", _need_str(row, "question"))]
+        if row.get("system"):
+            prompt.insert(0, _msg("system", _need_str(row, "system")))
+        return {
+            "prompt": prompt,
+            "chosen": [_msg("assistant", _need_str(row, "chosen"))],
+            "rejected": [_msg("assistant", _need_str(row, "rejected"))],
+        }
+    if fmt == "sharegpt":
+        return {"prompt": _sharegpt(row["conversations"]), "chosen": _sharegpt(row["chosen"]), "rejected": _sharegpt(row["rejected"])}
+    if fmt == "standard":
+        return {
+            "prompt": [_msg("user", _need_str(row, "prompt"))],
+            "chosen": [_msg("assistant", _need_str(row, "chosen"))],
+            "rejected": [_msg("assistant", _need_str(row, "rejected"))],
+        }
+    if fmt == "conversational":
+        chosen, rejected = row["chosen"], row["rejected"]
+        if not isinstance(rejected, list):
+            raise _Bad("`chosen` is a message list but `rejected` is not")
+        prompt = row["prompt"]
+        # UltraFeedback binarized: a prompt string and full transcripts that repeat it.
+        if isinstance(prompt, str):
+            ex = extract_prompt({"chosen": chosen, "rejected": rejected})
+            if not ex["prompt"]:
+                raise _Bad("chosen and rejected transcripts share no prompt messages")
+            return ex
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if fmt == "implicit":
+        chosen, rejected = row["chosen"], row["rejected"]
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            ex = extract_prompt({"chosen": chosen, "rejected": rejected})
+            if not ex["prompt"].strip():
+                raise _Bad("chosen and rejected share no common prompt prefix")
+            return ex
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            ex = extract_prompt({"chosen": chosen, "rejected": rejected})
+            if not ex["prompt"]:
+                raise _Bad("chosen and rejected transcripts share no prompt messages")
+            return ex
+        raise _Bad("`chosen` and `rejected` must both be strings or both message lists")
+    raise _Bad(
+        "unrecognised format: expected prompt/chosen/rejected, chosen/rejected transcripts, "
+        "input/preferred_output/non_preferred_output, question/chosen/rejected or conversations/chosen/rejected"
+    )
+
+
+def _check_pair(pair: dict) -> str | None:
+    if isinstance(pair["chosen"], str):  # standard strings (implicit prompt without roles)
+        for k in ("chosen", "rejected"):
+            if not isinstance(pair[k], str) or not pair[k].strip():
+                return f"{k} completion is empty"
+        return "chosen == rejected" if pair["chosen"] == pair["rejected"] else None
+    for k in ("prompt", "chosen", "rejected"):
+        problem = _check_messages(pair[k], k)
+        if problem:
+            return problem
+    for k in ("chosen", "rejected"):
+        if not any(m["content"].strip() for m in pair[k]):
+            return f"{k} completion is empty"
+    if pair["chosen"] == pair["rejected"]:
+        return "chosen == rejected"
+    return None
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclass
+class PairSet:
+    """The normalised pairs of one step (or of the eval data) and what was dropped on the way."""
+
+    rows: list[dict]  # pair + {"source": label, "row": 1-based row number}
+    reports: list[SourceReport]
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for r in self.rows:
+            h.update(json.dumps(r, sort_keys=True).encode())
+        return h.hexdigest()
+
+
+def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe, max_bad_fraction: float) -> PairSet:
+    rows, reports = [], []
+    for src in sources:
+        raw = read_source(src, recipe)
+        rep = SourceReport(label=src.label, total=len(raw))
+        seen: set[str] = set()
+        valid = 0
+        for n, r in enumerate(raw, 1):
+            fmt, pair, problem = normalise(r)
+            rep.formats[fmt] += 1
+            if problem:
+                rep.bad.append((n, problem))
+                continue
+            key = json.dumps(pair, sort_keys=True)
+            if key in seen:
+                rep.duplicates.append(n)
+                continue
+            seen.add(key)
+            valid += 1
+            if valid > src.offset and (src.limit is None or rep.used < src.limit):
+                rows.append({**pair, "source": src.label, "row": n})
+                rep.used += 1
+        if rep.total == 0:
+            raise DataError(f"{src.label}: has no rows")
+        if len(rep.formats) > 1:
+            fmts = ", ".join(f"{k} ({v} rows)" for k, v in rep.formats.most_common())
+            raise DataError(f"{src.label}: mixes formats ({fmts}); split it into one file per format")
+        if len(rep.bad) > max_bad_fraction * rep.total:
+            raise DataError(
+                f"{src.label}: {len(rep.bad)} of {rep.total} rows are bad, more than data.max_bad_fraction = "
+                f"{max_bad_fraction}: {_rows_text(rep.bad)}. Fix the rows or raise data.max_bad_fraction."
+            )
+        if rep.used == 0:
+            raise DataError(f"{src.label}: no usable pairs ({_rows_text(rep.bad)})")
+        reports.append(rep)
+    return PairSet(rows=rows, reports=reports)
+
+
+def load_step_pairs(recipe: LoadedRecipe, index: int) -> PairSet:
+    """D_t for step `index` (0-based) under the recipe's split strategy."""
+    return load_pairs(recipe.recipe.steps[index].sources, recipe, recipe.recipe.data.max_bad_fraction)
+
+
+def load_eval_pairs(recipe: LoadedRecipe) -> PairSet | None:
+    if not recipe.recipe.data.eval:
+        return None
+    return load_pairs(recipe.recipe.data.eval, recipe, recipe.recipe.data.max_bad_fraction)
+
+
+def write_pairs(pairs: PairSet, path: Path) -> None:
+    from .rundir import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs.rows))
+
+
+def token_lengths(rows: list[dict], tokenizer) -> list[tuple[int, int, int]]:
+    """(prompt, prompt+chosen, prompt+rejected) token counts after the chat template, as TRL tokenises."""
+    out = []
+    for r in rows:
+        if isinstance(r["chosen"], str):
+            p = len(tokenizer(r["prompt"])["input_ids"])
+            c = len(tokenizer(r["prompt"] + r["chosen"])["input_ids"])
+            j = len(tokenizer(r["prompt"] + r["rejected"])["input_ids"])
+        else:
+            p = len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+            c = len(tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=True, return_dict=True)["input_ids"])
+            j = len(tokenizer.apply_chat_template(r["prompt"] + r["rejected"], tokenize=True, return_dict=True)["input_ids"])
+        out.append((p, c, j))
+    return out

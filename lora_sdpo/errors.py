@@ -1,0 +1,26 @@
+"""Errors that mean "bad input": the CLI prints their message (which names the file, key or row
+and what to do) and exits with status 2, without a traceback."""
+
+
+class UserError(Exception):
+    """Base of every error a user can fix."""
+
+
+class RecipeError(UserError):
+    """A recipe that cannot be run; the message names the file and every bad key."""
+
+
+class DataError(UserError):
+    """Data that cannot be used; the message names the file and the rows."""
+
+
+class ModelError(UserError):
+    """A model that cannot be loaded or reached."""
+
+
+class MergeError(UserError):
+    """An adapter or base that cannot be merged exactly."""
+
+
+class RunError(UserError):
+    """A run directory that cannot be used as asked."""

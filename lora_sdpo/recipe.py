@@ -1,0 +1,358 @@
+"""The recipe: one pydantic schema is the single place every setting and its default live.
+
+A recipe is a TOML file. Relative paths in it are resolved against the recipe's own folder, so a
+recipe and the data beside it travel together. Every validation problem is gathered and reported
+at once, each with its key path and what to do (see `RecipeError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from .errors import RecipeError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a typo in a key is an error, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class AdapterConfig(_Strict):
+    """A LoRA/QLoRA preset: what `adapters/NAME.toml` holds, or an inline `[adapter]` table."""
+
+    r: Annotated[int, Field(gt=0)] = Field(16, description="LoRA rank.")
+    alpha: Annotated[float, Field(gt=0)] = Field(32, description="LoRA alpha; the update is scaled by alpha/r.")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.05, description="LoRA dropout (TRL disables it by default, see training.disable_dropout).")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get a LoRA adapter.",
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.")
+    quantization: Literal["nf4", "none"] = Field("nf4", description="nf4: 4-bit NF4 base (QLoRA); none: bf16/fp32 base.")
+    double_quant: bool = Field(True, description="Quantise the NF4 scales again (QLoRA double quantisation).")
+    compute_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="dtype of the base's matmuls and of non-quantised weights (float32 is faster on CPUs)."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one module, e.g. [\"q_proj\", \"v_proj\"]")
+        return v
+
+
+class ModelConfig(_Strict):
+    path: str = Field(..., description="The SFT base S: a local folder of safetensors weights or a Hub model id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base.")
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub; needs a pinned revision.")
+    target_init: Literal["previous", "base"] = Field(
+        "previous",
+        description="Where step t's target starts: previous = M_{t-1} (the paper); base = S (the paper's ablation).",
+    )
+
+    @model_validator(mode="after")
+    def _remote_code_needs_pin(self) -> "ModelConfig":
+        if self.trust_remote_code and not self.revision:
+            raise ValueError("trust_remote_code = true needs model.revision pinned to a commit")
+        return self
+
+
+class SourceConfig(_Strict):
+    path: str | None = Field(None, description="A local .json/.jsonl/.parquet/.csv file (relative to the recipe).")
+    dataset: str | None = Field(None, description="A Hub dataset id (instead of path).")
+    split: str = Field("train", description="Split of a Hub dataset.")
+    revision: str | None = Field(None, description="Revision of a Hub dataset.")
+    offset: Annotated[int, Field(ge=0)] = Field(0, description="Skip the first N valid rows (e.g. those held out for eval).")
+    limit: Annotated[int, Field(gt=0)] | None = Field(None, description="Use at most N valid rows (after the offset).")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "SourceConfig":
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `path` (a local file) or `dataset` (a Hub id)")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.path if self.path is not None else f"{self.dataset}[{self.split}]"
+
+
+class StepConfig(_Strict):
+    sources: list[SourceConfig] = Field(..., description="The preference data of this step (natural split).")
+
+    @field_validator("sources")
+    @classmethod
+    def _nonempty(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        if not v:
+            raise ValueError("a step needs at least one source")
+        return v
+
+
+class DataConfig(_Strict):
+    split: Literal["natural"] = Field("natural", description="How D_1..D_T are formed: natural = the sources of each step.")
+    eval: list[SourceConfig] = Field([], description="Held-out preference data, never trained on.")
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.01, description="Refuse a source when more than this fraction of its rows is bad; below it, drop and report them."
+    )
+
+
+class TrainingConfig(_Strict):
+    beta: Annotated[float, Field(gt=0)] = Field(0.1, description="DPO beta (strength of the pull to the reference).")
+    learning_rate: Annotated[float, Field(gt=0)] = Field(5e-6, description="Peak learning rate.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = Field(0.1, description="Fraction of steps spent warming up.")
+    num_train_epochs: Annotated[float, Field(gt=0)] = Field(1.0, description="Epochs over each step's data.")
+    per_device_train_batch_size: Annotated[int, Field(gt=0)] = Field(8, description="Pairs per forward pass.")
+    gradient_accumulation_steps: Annotated[int, Field(gt=0)] = Field(2, description="Forward passes per optimizer step.")
+    max_length: Annotated[int, Field(gt=1)] = Field(1024, description="Tokens of prompt + completion kept (from the start).")
+    optim: str = Field("paged_adamw_32bit", description="transformers optimizer name.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay.")
+    max_grad_norm: Annotated[float, Field(gt=0)] = Field(1.0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (use_reentrant=False).")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast of training (fp16 is not offered with 4-bit).")
+    precompute_ref_batch_size: Annotated[int, Field(gt=0)] | None = Field(None, description="Batch of the reference pass.")
+    disable_dropout: bool = Field(True, description="Turn dropout off in policy and reference (TRL's default).")
+
+
+class RetentionConfig(_Strict):
+    sample_size: Annotated[int, Field(gt=0)] = Field(64, description="Pairs of D_t (its first N) used to measure retention.")
+    warn_below: float = Field(0.8, description="Warn when less than this share of the adapter's gamma gain survives.")
+
+
+class RunConfig(_Strict):
+    name: str = Field("sdpo", description="Name of the run (used for the default output folder runs/NAME).")
+    seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
+    output_dir: str | None = Field(None, description="Run directory (default runs/NAME under the current folder).")
+    keep_models: Literal["all", "last"] = Field("all", description="Keep every M_t on disk, or only the last.")
+
+
+class Recipe(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig, description="The run as a whole.")
+    model: ModelConfig = Field(..., description="The SFT base model S.")
+    adapter: str | AdapterConfig = Field(
+        "qlora-r16", description="A preset name from adapters/ or an inline table of AdapterConfig keys."
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="DPO settings for every step.")
+    data: DataConfig = Field(default_factory=DataConfig, description="How steps get their data.")
+    steps: list[StepConfig] = Field(..., description="The steps D_1..D_T, in order.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="The merge retention check.")
+
+    @field_validator("steps")
+    @classmethod
+    def _has_steps(cls, v: list[StepConfig]) -> list[StepConfig]:
+        if not v:
+            raise ValueError("add at least one [[steps]] table")
+        return v
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe with its paths resolved and its preset loaded."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    path: Path
+    text: str
+    recipe: Recipe
+    adapter: AdapterConfig
+    adapter_source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def resolve(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (self.path.parent / q).resolve()
+
+    def model_location(self) -> str:
+        """A local folder when the model path names one (relative to the recipe), else the Hub id."""
+        local = self.resolve(self.recipe.model.path)
+        return str(local) if local.exists() else self.recipe.model.path
+
+    def output_dir(self, override: str | None = None) -> Path:
+        if override:
+            return Path(override).resolve()
+        if self.recipe.run.output_dir:
+            return self.resolve(self.recipe.run.output_dir)
+        return (Path.cwd() / "runs" / self.recipe.run.name).resolve()
+
+
+_UNION_MEMBERS = {"str", "AdapterConfig"}
+_HINTS = {
+    "extra_forbidden": "remove it or fix its spelling",
+    "missing": "add it",
+}
+
+
+def _format_errors(where: str, err: ValidationError) -> str:
+    # A union (adapter = "name" | {table}) reports one error per member; keep the member that
+    # matches what the user wrote and drop pydantic's member names from the key path.
+    errors, seen = [], set()
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in _UNION_MEMBERS)
+        if e["loc"][-1:] == ("str",) and isinstance(e.get("input"), dict):
+            continue
+        if (loc, e["msg"]) not in seen:
+            seen.add((loc, e["msg"]))
+            errors.append((loc, e))
+    lines = [f"{where}: {len(errors)} problem(s):"]
+    for loc, e in errors:
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        hint = _HINTS.get(e["type"], "")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  - {key}: {msg}" + (f" ({hint})" if hint else ""))
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A --set value read as a TOML value (numbers, booleans, arrays, quoted strings); else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides; list items are addressed by index (steps.0.sources.0.limit=8)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.beta=0.1")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of the list")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a table")
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"--set {key}: {last} is not an index of the list")
+            node[int(last)] = parse_value(value)
+        else:
+            node[last] = parse_value(value)
+    return data
+
+
+def adapter_preset_dirs(recipe_path: Path) -> list[Path]:
+    return [recipe_path.parent / "adapters", recipe_path.parent.parent / "adapters", PROJECT_ROOT / "adapters"]
+
+
+def _load_toml(path: Path) -> tuple[str, dict]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}") from None
+
+
+def load_adapter_preset(name: str, recipe_path: Path) -> tuple[AdapterConfig, Path]:
+    dirs = adapter_preset_dirs(recipe_path)
+    for d in dirs:
+        f = d / f"{name}.toml"
+        if f.is_file():
+            _, data = _load_toml(f)
+            try:
+                return AdapterConfig.model_validate(data), f
+            except ValidationError as e:
+                raise RecipeError(_format_errors(str(f), e)) from None
+    known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
+    raise RecipeError(
+        f"{recipe_path}: adapter: no preset named {name!r} (looked in {', '.join(str(d) for d in dirs)}); "
+        f"known presets: {', '.join(known) or 'none'}. Name one of them or write an inline [adapter] table."
+    )
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
+    """Read, override, validate. Raises RecipeError with every problem at once."""
+    path = Path(path).resolve()
+    text, data = _load_toml(path)
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(str(path), e)) from None
+    if isinstance(recipe.adapter, str):
+        adapter, preset_path = load_adapter_preset(recipe.adapter, path)
+        source = f"preset {recipe.adapter} ({preset_path})"
+    else:
+        adapter, source = recipe.adapter, "inline [adapter]"
+    loaded = LoadedRecipe(path=path, text=text, recipe=recipe, adapter=adapter, adapter_source=source)
+    problems = []
+    if adapter.quantization == "nf4" and recipe.training.precision not in ("bf16", "fp32"):
+        problems.append("training.precision: 4-bit training needs bf16 or fp32")
+    for i, step in enumerate(recipe.steps):
+        for j, src in enumerate(step.sources):
+            if src.path is not None and not loaded.resolve(src.path).is_file():
+                problems.append(
+                    f"steps.{i}.sources.{j}.path: no file {loaded.resolve(src.path)} (paths are relative to the recipe)"
+                )
+    for j, src in enumerate(recipe.data.eval):
+        if src.path is not None and not loaded.resolve(src.path).is_file():
+            problems.append(f"data.eval.{j}.path: no file {loaded.resolve(src.path)}")
+    if problems:
+        raise RecipeError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    if overrides:
+        loaded.text = _with_overrides_comment(text, overrides)
+    return loaded
+
+
+def _with_overrides_comment(text: str, overrides: list[str]) -> str:
+    # The run directory keeps the recipe as run: the original text plus the overrides, which
+    # `lora-sdpo run recipe.toml --set ...` reproduces exactly.
+    return text.rstrip() + "\n\n# Overrides applied with --set:\n" + "".join(f"#   {o}\n" for o in overrides)
+
+
+def schema_reference() -> str:
+    """The recipe reference as markdown, generated from the schema (the README embeds it; a test compares)."""
+    sections = [
+        ("[run]", RunConfig),
+        ("[model]", ModelConfig),
+        ("adapter = \"NAME\" or [adapter]", AdapterConfig),
+        ("[training]", TrainingConfig),
+        ("[data]", DataConfig),
+        ("[[steps]] / [[steps.sources]] / [[data.eval]]", SourceConfig),
+        ("[retention]", RetentionConfig),
+    ]
+    out = []
+    for title, cls in sections:
+        out.append(f"**{title}**\n\n| key | default | meaning |\n|---|---|---|")
+        for name, f in cls.model_fields.items():
+            if cls is Recipe:
+                continue
+            default = "required" if f.is_required() else _fmt_default(f.default if f.default_factory is None else None)
+            out.append(f"| `{name}` | {default} | {f.description or ''} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _fmt_default(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return f"`{str(v).lower()}`"
+    if isinstance(v, str):
+        return f'`"{v}"`'
+    if isinstance(v, list):
+        return "`[" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in v) + "]`"
+    return f"`{v}`"
+
+
+if __name__ == "__main__":
+    print(schema_reference(), end="")

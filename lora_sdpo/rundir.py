@@ -1,0 +1,132 @@
+"""The run directory and its manifest; every write is atomic (temporary name, fsync, rename).
+
+    RUN/
+      recipe.toml        the recipe as run (with overrides applied)
+      manifest.json      written atomically after every stage; the truth for resume
+      step-N/data/       pairs.jsonl (the rows of D_t), ref_logps.safetensors, hf_cache/ (TRL's cache)
+      step-N/adapter/    PEFT adapter (safetensors)
+      step-N/model/      M_N shards + index (float32: the chain's full-precision truth)
+      step-N/metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `path` whole, on failure it is removed.
+
+    A reader sees either the old folder or the complete new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.with_name(f"{path.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_temporaries(root: Path) -> None:
+    """Leftovers of an interrupted write are never read; clear them when a run resumes."""
+    for p in sorted(Path(root).rglob(f"*{TMP_MARK}*"), reverse=True):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / "recipe.toml"
+
+    def step(self, index: int) -> Path:
+        """Folder of step `index` (1-based, as in the paper's D_t and M_t)."""
+        return self.root / f"step-{index}"
+
+    def data_dir(self, index: int) -> Path:
+        return self.step(index) / "data"
+
+    def adapter_dir(self, index: int) -> Path:
+        return self.step(index) / "adapter"
+
+    def model_dir(self, index: int) -> Path:
+        return self.step(index) / "model"
+
+    def metrics_path(self, index: int) -> Path:
+        return self.step(index) / "metrics.jsonl"
+
+    def rel(self, p: Path) -> str:
+        return str(Path(p).relative_to(self.root))
+
+    def read_manifest(self) -> dict | None:
+        if not self.manifest_path.exists():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def write_manifest(self, manifest: dict) -> None:
+        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        atomic_write_json(self.manifest_path, manifest)

@@ -1,0 +1,115 @@
+"""Shared fixtures: the shipped pico model, short real pairs, and one real 2-step run per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "pico-llama-phi3"
+ORCA = ROOT / "data" / "orca_dpo_pairs" / "validation.jsonl"
+ULTRA = ROOT / "data" / "ultrafeedback" / "train_clean.jsonl"
+
+# Small enough for the CPU: short real pairs, 3 optimizer updates per step, float32 compute so
+# that the invariants can be checked to 1e-4 and better.
+TEST_RECIPE = """
+adapter = "cpu-qlora-r16"
+
+[run]
+name = "test"
+seed = 7
+
+[model]
+path = "{model}"
+
+[training]
+beta = 0.1
+learning_rate = 2e-3
+lr_scheduler_type = "constant"
+warmup_ratio = 0.0
+num_train_epochs = 1
+per_device_train_batch_size = 4
+gradient_accumulation_steps = 1
+max_length = 128
+optim = "adamw_torch"
+gradient_checkpointing = false
+precision = "fp32"
+
+[retention]
+sample_size = 8
+"""
+STEP = """
+[[steps]]
+[[steps.sources]]
+path = "{path}"
+"""
+
+
+def short_rows(path: Path, n: int, max_prompt_tokens: int = 64) -> list[dict]:
+    """The first n good rows of a shipped file whose prompt leaves room in the tests' max_length."""
+    from transformers import AutoTokenizer
+
+    from lora_sdpo.data import normalise, token_lengths
+
+    tok = AutoTokenizer.from_pretrained(str(MODEL))
+    out = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        _, pair, problem = normalise(r)
+        if problem is None and token_lengths([pair], tok)[0][0] <= max_prompt_tokens:
+            out.append(r)
+            if len(out) == n:
+                break
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "orca.jsonl", short_rows(ORCA, 12))
+    write_jsonl(d / "ultra.jsonl", short_rows(ULTRA, 12))
+    return d
+
+
+def write_recipe(folder: Path, data_dir: Path, steps=("orca.jsonl", "ultra.jsonl"), extra: str = "") -> Path:
+    """A recipe over the shipped model; `extra` is TOML placed before the steps (tables or keys)."""
+    text = TEST_RECIPE.format(model=MODEL) + extra + "".join(STEP.format(path=data_dir / s) for s in steps)
+    path = folder / "recipe.toml"
+    path.write_text(text)
+    return path
+
+
+def cli(*args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_sdpo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lora-sdpo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def two_step_run(tmp_path_factory, data_dir) -> Path:
+    """One real two-step sDPO run through the CLI, shared by the invariant tests."""
+    folder = tmp_path_factory.mktemp("two_step")
+    recipe = write_recipe(folder, data_dir)
+    out = folder / "run"
+    cli("run", str(recipe), "--output", str(out))
+    return out

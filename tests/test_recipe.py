@@ -1,0 +1,127 @@
+"""Recipes: every shipped one parses, bad ones get one clear message, the README's reference is the schema's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, cli
+from lora_sdpo.recipe import RecipeError, load_recipe, schema_reference
+
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_parses(path):
+    loaded = load_recipe(path)
+    assert loaded.recipe.steps
+
+
+def test_shipped_recipes_exist():
+    assert {"quickstart.toml", "two_step.toml"} <= {p.name for p in RECIPES}
+
+
+def test_two_step_is_the_papers_setup():
+    r = load_recipe(ROOT / "recipes" / "two_step.toml")
+    assert r.adapter.r == 128 and r.adapter.alpha == 128 and r.adapter.dropout == 0.05
+    assert r.adapter.quantization == "nf4"
+    t = r.recipe.training
+    assert (t.beta, t.learning_rate, t.lr_scheduler_type, t.warmup_ratio) == (0.01, 5e-6, "cosine", 0.1)
+    assert t.per_device_train_batch_size * t.gradient_accumulation_steps == 16
+    assert t.max_length == 1024 and t.optim == "paged_adamw_32bit" and t.gradient_checkpointing
+    assert [s.sources[0].dataset for s in r.recipe.steps] == [
+        "Intel/orca_dpo_pairs",
+        "argilla/ultrafeedback-binarized-preferences-cleaned",
+    ]
+
+
+def _bad(tmp_path, text: str):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    return p
+
+
+MINIMAL = f"""
+[model]
+path = "{ROOT / 'models' / 'pico-llama-phi3'}"
+[[steps]]
+[[steps.sources]]
+path = "{ROOT / 'data' / 'ultrafeedback' / 'train_clean.jsonl'}"
+"""
+
+
+def _assert_one_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    err = proc.stderr
+    assert err.startswith("error: ")
+    for n in needles:
+        assert n in err, err
+
+
+def test_unknown_key_is_named(tmp_path):
+    p = _bad(tmp_path, MINIMAL + "\n[training]\nbetta = 0.1\n")
+    proc = cli("plan", str(p), check=False)
+    _assert_one_clean_error(proc, "training.betta", "unknown key", str(p))
+    assert "1 problem" in proc.stderr
+
+
+def test_wrong_type_is_named(tmp_path):
+    p = _bad(tmp_path, MINIMAL + '\n[training]\nlearning_rate = "fast"\n')
+    proc = cli("plan", str(p), check=False)
+    _assert_one_clean_error(proc, "training.learning_rate", "1 problem")
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    p = _bad(tmp_path, MINIMAL + '\n[training]\nbeta = 0\nmax_length = "long"\n[run]\nsed = 1\n')
+    proc = cli("plan", str(p), check=False)
+    _assert_one_clean_error(proc, "training.beta", "training.max_length", "run.sed", "3 problem")
+
+
+def test_missing_preset_and_inline_adapter(tmp_path):
+    p = _bad(tmp_path, 'adapter = "nope"\n' + MINIMAL)
+    _assert_one_clean_error(cli("plan", str(p), check=False), "no preset named 'nope'", "qlora-r16")
+    inline = load_recipe(_bad(tmp_path, "[adapter]\nr = 4\nalpha = 8\n" + MINIMAL))
+    assert inline.adapter.r == 4 and inline.adapter_source == "inline [adapter]"
+    with pytest.raises(RecipeError, match="adapter.r"):
+        load_recipe(_bad(tmp_path, '[adapter]\nr = "four"\n' + MINIMAL))
+
+
+def test_set_overrides(tmp_path):
+    p = _bad(tmp_path, MINIMAL)
+    r = load_recipe(p, ["training.beta=0.25", "steps.0.sources.0.limit=5", 'run.name="x"'])
+    assert r.recipe.training.beta == 0.25 and r.recipe.steps[0].sources[0].limit == 5 and r.recipe.run.name == "x"
+    assert "training.beta=0.25" in r.text
+    with pytest.raises(RecipeError, match="steps.3"):
+        load_recipe(p, ["steps.3.sources.0.limit=5"])
+
+
+def test_plan_on_quickstart():
+    proc = cli("plan", str(ROOT / "recipes" / "quickstart.toml"))
+    out = proc.stdout
+    assert "step 1: D_1 -> M_1 (reference S)" in out and "step 2: D_2 -> M_2 (reference M_1)" in out
+    assert "prompt+chosen tokens: mean" in out
+    assert "LoRA parameters: 155,648" in out  # 4 layers x 16 x (in+out) summed over the 7 projections
+    assert "peak GPU memory estimate" in out
+    assert "held-out eval" in out
+    assert "NOT REACHABLE" not in out
+
+
+def test_plan_on_two_step_offline_says_what_is_not_reachable():
+    proc = cli("plan", str(ROOT / "recipes" / "two_step.toml"))
+    out = proc.stdout
+    assert "NOT REACHABLE: model 'teknium/OpenHermes-2.5-Mistral-7B' is not reachable" in out
+    assert "HF_HUB_OFFLINE" in out
+    assert "Intel/orca_dpo_pairs" in out and "Traceback" not in proc.stderr
+
+
+def test_readme_recipe_reference_is_the_schema():
+    readme = (ROOT / "README.md").read_text()
+    assert schema_reference() in readme, "regenerate with: python -m lora_sdpo.recipe > reference.md"
+
+
+def test_schema_reference_names_every_field():
+    ref = schema_reference()
+    for key in ("beta", "target_init", "max_bad_fraction", "sample_size", "quantization", "keep_models"):
+        assert f"`{key}`" in ref
