@@ -59,12 +59,59 @@ def run(recipe, output, overrides, restart):
 
     console = Console(stderr=False, highlight=False)
     manifest = run_recipe(loaded, output=output, restart=restart, log=lambda m: console.print(m, soft_wrap=True))
+    from .report import build_report, print_summary
+
+    print_summary(manifest, console)
+    report = build_report(loaded.output_dir(output))
     warn = loaded.recipe.retention.warn_below
     for s in manifest["steps"]:
         d = s["retention_detail"]
         if d["reliable"] and d["retention"] is not None and d["retention"] < warn:
             console.print(f"[yellow]warning: step {s['index']} kept only {d['retention']:.2f} of its gamma gain after the merge (< {warn})[/]")
-    console.print(f"run complete: {loaded.output_dir(output)}")
+    console.print(f"run complete: {loaded.output_dir(output)} (report: {report})")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+def report(run_dir):
+    """Rebuild RUN_DIR/report.md and its plots from the manifest and metrics."""
+    from .report import build_report
+
+    click.echo(f"wrote {build_report(run_dir)}")
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, help="Model folder (safetensors) or Hub id.")
+@click.option("--adapter", help="A PEFT LoRA adapter folder to apply on top of the model.")
+@click.option("--data", "data_specs", required=True, multiple=True, help="A local pairs file, or a Hub dataset ID[:SPLIT]; repeatable.")
+@click.option("--against", help="A second model (e.g. the SFT base): adds the implicit-reward comparison and the seen-data audit.")
+@click.option("--limit", type=int, help="Use the first N valid pairs of each source.")
+@click.option("--max-length", type=int, default=1024, show_default=True, help="Tokens kept per sequence (as in training).")
+@click.option("--quantization", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True, help="How models are loaded (references are NF4 in training).")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def gamma(model_path, adapter, data_specs, against, limit, max_length, quantization, compute_dtype, as_json):
+    """Statistics of gamma = log p(chosen|x) - log p(rejected|x) of a model on preference data."""
+    _quiet_libraries()
+    import json as _json
+
+    from .diagnostics import measure
+
+    res = measure(model_path, list(data_specs), adapter=adapter, against=against, limit=limit,
+                  max_length=max_length, quantization=quantization, compute_dtype=compute_dtype)
+    if as_json:
+        click.echo(_json.dumps(res, indent=2))
+        return
+    for label, e in res["sources"].items():
+        click.echo(f"{label}: {e['data']}")
+        click.echo(f"  gamma mean {e['mean']:.3f}  median {e['median']:.3f}  std {e['std']:.3f}  "
+                   f"fraction > 0 {e['frac_positive']:.3f}  (n={e['n']})")
+        if "against" in e:
+            a = e["against"]
+            click.echo(f"  vs {against}: gamma_model > gamma_against on {a['frac_model_above']:.3f} of pairs, "
+                       f"mean difference {a['mean_difference']:.3f} (against mean {a['against_mean']:.3f})")
+        if "warning" in e:
+            click.echo(f"  warning: {e['warning']}")
 
 
 @main.command()

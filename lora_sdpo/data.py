@@ -315,6 +315,54 @@ def load_eval_pairs(recipe: LoadedRecipe) -> PairSet | None:
     return load_pairs(recipe.recipe.data.eval, recipe, recipe.recipe.data.max_bad_fraction)
 
 
+def drop_overlong(pairs: PairSet, tokenizer, max_length: int, max_bad_fraction: float) -> tuple[PairSet, list[int]]:
+    """Pairs whose prompt fills max_length would give TRL nothing to train on (it drops them silently).
+
+    Report them by source and row; refuse like any other bad row above data.max_bad_fraction.
+    """
+    lengths = token_lengths(pairs.rows, tokenizer)
+    keep, bad = [], []
+    for r, (p, _, _) in zip(pairs.rows, lengths):
+        if p >= max_length:
+            bad.append((r, p))
+        else:
+            keep.append(r)
+    if bad:
+        where = "; ".join(f"{r['source']} row {r['row']} ({p} prompt tokens)" for r, p in bad[:5])
+        if len(bad) > max_bad_fraction * len(pairs.rows):
+            raise DataError(
+                f"{len(bad)} of {len(pairs.rows)} pairs have prompts of max_length ({max_length}) tokens or more, "
+                f"leaving no room for the completion: {where}. Raise training.max_length or shorten the prompts."
+            )
+    return PairSet(rows=keep, reports=pairs.reports), [(r["source"], r["row"]) for r, _ in bad]
+
+
+@dataclass
+class RunData:
+    """Every step's D_t and the eval data, validated before any training starts."""
+
+    steps: list[PairSet]
+    overlong: list[list[tuple[str, int]]]
+    eval: PairSet | None
+
+
+def prepare_run_data(recipe: LoadedRecipe, tokenizer) -> RunData:
+    """Read and check all data up front: a bad row in step 2's file must not wait for step 1's hours."""
+    t = recipe.recipe.training
+    frac = recipe.recipe.data.max_bad_fraction
+    steps, overlong = [], []
+    for i in range(len(recipe.recipe.steps)):
+        ps, dropped = drop_overlong(load_step_pairs(recipe, i), tokenizer, t.max_length, frac)
+        if not ps.rows:
+            raise DataError(f"step {i + 1}: no pairs left after dropping bad rows; check its sources")
+        steps.append(ps)
+        overlong.append(dropped)
+    ev = load_eval_pairs(recipe)
+    if ev is not None:
+        ev, _ = drop_overlong(ev, tokenizer, t.max_length, frac)
+    return RunData(steps=steps, overlong=overlong, eval=ev)
+
+
 def write_pairs(pairs: PairSet, path: Path) -> None:
     from .rundir import atomic_write_text
 

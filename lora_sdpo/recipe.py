@@ -125,6 +125,11 @@ class RetentionConfig(_Strict):
     warn_below: float = Field(0.8, description="Warn when less than this share of the adapter's gamma gain survives.")
 
 
+class DiagnosticsConfig(_Strict):
+    gamma_matrix: bool = Field(True, description="Measure mean gamma of S, M_1..M_T on every D_t and the eval data (paper Fig. 2).")
+    gamma_sample: Annotated[int, Field(gt=0)] = Field(64, description="Pairs per dataset for the gamma matrix (the first N of each).")
+
+
 class RunConfig(_Strict):
     name: str = Field("sdpo", description="Name of the run (used for the default output folder runs/NAME).")
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
@@ -142,6 +147,7 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig, description="How steps get their data.")
     steps: list[StepConfig] = Field(..., description="The steps D_1..D_T, in order.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="The merge retention check.")
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig, description="Reference diagnostics.")
 
     @field_validator("steps")
     @classmethod
@@ -329,6 +335,7 @@ def schema_reference() -> str:
         ("[data]", DataConfig),
         ("[[steps]] / [[steps.sources]] / [[data.eval]]", SourceConfig),
         ("[retention]", RetentionConfig),
+        ("[diagnostics]", DiagnosticsConfig),
     ]
     out = []
     for title, cls in sections:

@@ -7,6 +7,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from .data import prepare_run_data
+from .diagnostics import tokenize_pair
 from .errors import ModelError, RunError
 from .model import load_tokenizer
 from .recipe import LoadedRecipe
@@ -89,7 +91,14 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     log(f"run directory: {run.root}")
     base_dir = local_model_dir(recipe.model_location(), recipe.recipe.model.revision)
     tokenizer = load_tokenizer(base_dir, trust_remote_code=recipe.recipe.model.trust_remote_code)
-    ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, log=log)
+    data = prepare_run_data(recipe, tokenizer)
+    k = recipe.recipe.diagnostics.gamma_sample
+    named = {f"D_{i + 1}": ps for i, ps in enumerate(data.steps)}
+    if data.eval is not None:
+        named["eval"] = data.eval
+    samples = {name: [tokenize_pair(r, tokenizer) for r in ps.rows[:k]] for name, ps in named.items()}
+    ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, log=log, samples=samples)
+    manifest.setdefault("gamma_matrix", {"sample": {name: len(rows) for name, rows in samples.items()}, "rows": {}})
     n = len(recipe.recipe.steps)
     for i in range(1, n + 1):
         entry = manifest["steps"][i - 1]
@@ -101,8 +110,9 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         manifest["steps"][i - 1] = {"index": i, "status": "running"}
         run.write_manifest(manifest)
         log(f"step {i}/{n}: training on D_{i} with reference {'S' if i == 1 else f'M_{i - 1}'}")
-        entry = run_step(ctx, i)
+        entry, matrix_rows = run_step(ctx, i, data.steps[i - 1], data.overlong[i - 1])
         manifest["steps"][i - 1] = entry
+        manifest["gamma_matrix"]["rows"].update(matrix_rows)
         if recipe.recipe.run.keep_models == "last" and i > 1:
             shutil.rmtree(run.model_dir(i - 1), ignore_errors=True)
             manifest["steps"][i - 2]["model"] = None

@@ -22,8 +22,9 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
+from .data import PairSet, write_pairs
+from .diagnostics import gammas, stats
 from .errors import DataError
-from .data import PairSet, load_step_pairs, token_lengths, write_pairs
 from .merge import merge_lora
 from .model import lora_config, load_base, load_tokenizer, sequence_logps
 from .recipe import LoadedRecipe
@@ -37,6 +38,12 @@ class StepContext:
     base_dir: Path  # S, as a local folder of safetensors
     tokenizer: object
     log: object  # callable(str) for one-line messages
+    samples: dict[str, list[dict]]  # tokenised first pairs of each D_t and of the eval data (gamma matrix)
+
+    def gamma_row(self, model) -> dict[str, dict]:
+        """One row of the gamma matrix: the model's gamma statistics on every dataset's sample."""
+        max_len = self.recipe.recipe.training.max_length
+        return {name: stats(gammas(model, rows, self.tokenizer, max_len)) for name, rows in self.samples.items()}
 
 
 class JsonlMetrics(TrainerCallback):
@@ -116,28 +123,6 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
     )
 
 
-def drop_overlong(pairs: PairSet, tokenizer, max_length: int, max_bad_fraction: float) -> tuple[PairSet, list[int]]:
-    """Pairs whose prompt fills max_length would give TRL nothing to train on (it drops them silently).
-
-    Report them by source and row; refuse like any other bad row above data.max_bad_fraction.
-    """
-    lengths = token_lengths(pairs.rows, tokenizer)
-    keep, bad = [], []
-    for r, (p, _, _) in zip(pairs.rows, lengths):
-        if p >= max_length:
-            bad.append((r, p))
-        else:
-            keep.append(r)
-    if bad:
-        where = "; ".join(f"{r['source']} row {r['row']} ({p} prompt tokens)" for r, p in bad[:5])
-        if len(bad) > max_bad_fraction * len(pairs.rows):
-            raise DataError(
-                f"{len(bad)} of {len(pairs.rows)} pairs have prompts of max_length ({max_length}) tokens or more, "
-                f"leaving no room for the completion: {where}. Raise training.max_length or shorten the prompts."
-            )
-    return PairSet(rows=keep, reports=pairs.reports), [(r["source"], r["row"]) for r, _ in bad]
-
-
 def _free(*objs) -> None:
     for o in objs:
         del o
@@ -146,8 +131,8 @@ def _free(*objs) -> None:
         torch.cuda.empty_cache()
 
 
-def run_step(ctx: StepContext, index: int) -> dict:
-    """Run step `index` (1-based) and return its manifest entry."""
+def run_step(ctx: StepContext, index: int, pairs: PairSet, overlong: list) -> tuple[dict, dict]:
+    """Run step `index` (1-based) on D_t = `pairs`; return its manifest entry and gamma-matrix rows."""
     recipe, run = ctx.recipe, ctx.run
     cfg = recipe.recipe
     t0 = time.perf_counter()
@@ -155,9 +140,8 @@ def run_step(ctx: StepContext, index: int) -> dict:
     prev_dir = ctx.base_dir if index == 1 else run.model_dir(index - 1)
     target_dir = prev_dir if cfg.model.target_init == "previous" else ctx.base_dir
 
+    matrix: dict[str, dict] = {}
     # Data: D_t, normalised and written into the step folder, tokenised by TRL there.
-    pairs = load_step_pairs(recipe, index - 1)
-    pairs, overlong = drop_overlong(pairs, ctx.tokenizer, cfg.training.max_length, cfg.data.max_bad_fraction)
     data_dir = run.data_dir(index)
     write_pairs(pairs, data_dir / "pairs.jsonl")
     import datasets
@@ -187,8 +171,19 @@ def run_step(ctx: StepContext, index: int) -> dict:
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # used instead when logging is quiet
-    trainer.model.get_base_model()._lora_sdpo_fused = True  # TRL patched its fused LM head in
+    # TRL has patched its fused LM head into both; lora-sdpo's own gamma passes reuse it.
+    trainer.model.get_base_model()._lora_sdpo_fused = True
+    if ref_model is not None:
+        ref_model._lora_sdpo_fused = True
     timings["reference"] = time.perf_counter() - t
+    if index == 1 and cfg.diagnostics.gamma_matrix:
+        t = time.perf_counter()
+        if ref_model is None:
+            with trainer.model.disable_adapter():  # exactly S
+                matrix["S"] = ctx.gamma_row(trainer.model)
+        else:
+            matrix["S"] = ctx.gamma_row(ref_model)
+        timings["diagnostics"] = time.perf_counter() - t
     train_ds = trainer.train_dataset
     if len(train_ds) != len(pairs.rows):
         raise DataError(f"step {index}: TRL kept {len(train_ds)} of {len(pairs.rows)} pairs; expected all")
@@ -233,8 +228,12 @@ def run_step(ctx: StepContext, index: int) -> dict:
     merged = load_base(run.model_dir(index), recipe.adapter)
     c, r = sequence_logps(merged, sample, pad_id, max_len)
     g_merged = c - r
-    _free(merged)
     timings["retention"] += time.perf_counter() - t
+    if cfg.diagnostics.gamma_matrix:
+        t = time.perf_counter()
+        matrix[f"M_{index}"] = ctx.gamma_row(merged)
+        timings["diagnostics"] = timings.get("diagnostics", 0.0) + time.perf_counter() - t
+    _free(merged)
     retention = retention_stats(g_start, g_adapter, g_merged)
 
     logs = [m for m in metrics.records if "loss" in m and "train_runtime" not in m]
@@ -263,7 +262,7 @@ def run_step(ctx: StepContext, index: int) -> dict:
         "adapter": run.rel(run.adapter_dir(index)),
         "model": run.rel(run.model_dir(index)),
         "timings": {k: round(v, 2) for k, v in timings.items()},
-    }
+    }, matrix
 
 
 def retention_stats(g_start: torch.Tensor, g_adapter: torch.Tensor, g_merged: torch.Tensor) -> dict:

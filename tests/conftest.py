@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,6 +47,9 @@ precision = "fp32"
 
 [retention]
 sample_size = 8
+
+[diagnostics]
+gamma_sample = 4
 """
 STEP = """
 [[steps]]
@@ -74,6 +79,32 @@ def short_rows(path: Path, n: int, max_prompt_tokens: int = 64) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# Independent of the pipeline: transformers + bitsandbytes directly, full logits, log_softmax.
+def nf4(path):
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=q, dtype=torch.float32).eval()
+    # bitsandbytes would repack these layers for its AVX512-BF16 inference kernel on the first
+    # no-grad pass (bf16 scales, no autograd); keep the standard NF4 kernel, as lora-sdpo does.
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def completion_logp(model, tok, prompt, completion, max_length):
+    """Summed log p(completion | prompt) with full logits: chat template, keep the first max_length tokens."""
+    p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    full = tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+    assert full[: len(p)] == p
+    full = full[:max_length]
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    logp = torch.log_softmax(logits[0, :-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+    return float(logp[len(p) - 1 :].sum())
+
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MODEL
+from conftest import MODEL, completion_logp as _completion_logp, nf4 as _nf4
 
 LN2 = math.log(2)
 
@@ -32,30 +32,6 @@ def test_first_loss_of_every_step_is_ln2(two_step_run):
         assert step["first_loss"] == first["loss"]
         # and training moved away from it: the check is not vacuous
         assert step["last_loss"] != pytest.approx(LN2, abs=1e-3)
-
-
-def _nf4(path):
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=q, dtype=torch.float32).eval()
-    # bitsandbytes would repack these layers for its AVX512-BF16 inference kernel on the first
-    # no-grad pass (bf16 scales, no autograd); keep the standard NF4 kernel, as lora-sdpo does.
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
-
-
-def _completion_logp(model, tok, prompt, completion, max_length):
-    """Summed log p(completion | prompt) with full logits: chat template, truncation from the end."""
-    p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    full = tok.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
-    assert full[: len(p)] == p
-    full = full[:max_length]
-    ids = torch.tensor([full])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    logp = torch.log_softmax(logits[0, :-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-    return float(logp[len(p) - 1 :].sum())
 
 
 def test_step2_reference_is_nf4_of_m1(two_step_run):

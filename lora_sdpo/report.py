@@ -1,0 +1,197 @@
+"""report.md and its plots, rebuilt from a run directory's manifest and metrics alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .rundir import RunDir, atomic_write_bytes, atomic_write_text
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def retention_text(step: dict) -> str:
+    d = step.get("retention_detail") or {}
+    if d.get("retention") is None:
+        return "n/a"
+    text = f"{d['retention']:.2f}"
+    return text if d.get("reliable") else text + " (gain within noise)"
+
+
+def summary_rows(manifest: dict) -> list[list[str]]:
+    rows = []
+    for s in manifest["steps"]:
+        if s.get("status") != "done":
+            rows.append([str(s["index"]), s.get("status", "?")] + [""] * 7)
+            continue
+        rows.append(
+            [
+                str(s["index"]),
+                s["reference"],
+                str(s["rows"]),
+                _fmt(s["first_loss"], 4),
+                _fmt(s["last_loss"], 4),
+                _fmt(s["reward_accuracy"], 2),
+                _fmt(s["gamma_ref_mean"], 2),
+                retention_text(s),
+                f"{s['timings']['total']:.0f}s",
+            ]
+        )
+    return rows
+
+
+SUMMARY_HEADER = ["step", "reference", "pairs", "first loss", "last loss", "reward acc", "gamma_ref", "retention", "time"]
+
+
+def matrix_table(manifest: dict) -> tuple[list[str], list[list[str]]]:
+    gm = manifest.get("gamma_matrix") or {}
+    rows = gm.get("rows") or {}
+    data = list(gm.get("sample") or {})
+    out = [[model] + [_fmt((rows[model].get(d) or {}).get("mean"), 2) for d in data] for model in rows]
+    return ["model"] + [f"{d} (n={gm['sample'][d]})" for d in data], out
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def read_metrics(run: RunDir, index: int) -> list[dict]:
+    path = run.metrics_path(index)
+    if not path.exists():
+        return []
+    return [m for m in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if "loss" in m]
+
+
+def plot_curves(run: RunDir, manifest: dict, path: Path) -> bool:
+    """Loss, reward accuracy and margin of every step on one axis of optimizer updates (paper Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [(s["index"], read_metrics(run, s["index"])) for s in manifest["steps"]]
+    if not any(m for _, m in series):
+        return False
+    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
+    offset = 0
+    for index, metrics in series:
+        xs = [offset + m["step"] for m in metrics]
+        for ax, key in zip(axes, ("loss", "rewards/accuracies", "rewards/margins")):
+            ax.plot(xs, [m.get(key) for m in metrics], marker=".", label=f"step {index}")
+        if metrics:
+            for ax in axes:
+                ax.axvline(offset + 0.5, color="grey", lw=0.5, ls=":")
+            offset = xs[-1]
+    axes[0].axhline(0.693147, color="grey", lw=0.8, ls="--", label="ln 2")
+    for ax, title in zip(axes, ("DPO loss", "reward accuracy", "reward margin")):
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    axes[-1].set_xlabel("optimizer update (all steps on one axis)")
+    fig.suptitle("sDPO training curves")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_matrix(manifest: dict, path: Path) -> bool:
+    """Mean gamma of each reference on each dataset (paper Fig. 2) as a heatmap."""
+    header, rows = matrix_table(manifest)
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gm = manifest["gamma_matrix"]
+    models, data = list(gm["rows"]), list(gm["sample"])
+    values = [[(gm["rows"][m].get(d) or {}).get("mean") or 0.0 for d in data] for m in models]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(data), 1.2 + 0.6 * len(models)))
+    im = ax.imshow(values, cmap="RdBu", aspect="auto", vmin=-max(abs(v) for r in values for v in r) or -1,
+                   vmax=max(abs(v) for r in values for v in r) or 1)
+    ax.set_xticks(range(len(data)), data)
+    ax.set_yticks(range(len(models)), models)
+    for i, r in enumerate(values):
+        for j, v in enumerate(r):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=9)
+    fig.colorbar(im, ax=ax, label="mean gamma = log p(chosen) - log p(rejected)")
+    ax.set_title("gamma of each model on each dataset")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _save_fig(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def build_report(root: Path) -> Path:
+    run = RunDir(Path(root))
+    manifest = run.read_manifest()
+    if manifest is None:
+        from .errors import RunError
+
+        raise RunError(f"{root}: no manifest.json; not a lora-sdpo run directory")
+    curves = plot_curves(run, manifest, run.root / "curves.png")
+    heat = plot_matrix(manifest, run.root / "gamma_matrix.png")
+    parts = [
+        f"# sDPO run report\n\nRecipe: `recipe.toml` (sha256 `{manifest['recipe_sha256'][:12]}`), base model "
+        f"`{manifest['base_model']}`, status **{manifest['status']}**.\n",
+        "## Steps\n",
+        _md_table(SUMMARY_HEADER, summary_rows(manifest)),
+        "\nfirst loss: the DPO loss of the first optimizer update (ln 2 = 0.6931 when the reference is the step's "
+        "starting model). gamma_ref: mean gamma of the step's reference on all of D_t. retention: the share of the "
+        "adapter's gamma gain kept by NF4(M_t) after the merge.\n",
+    ]
+    for s in manifest["steps"]:
+        if s.get("status") == "done":
+            parts.append(f"- step {s['index']}: " + "; ".join(s["sources"]))
+    header, rows = matrix_table(manifest)
+    if rows:
+        parts += [
+            "\n## Reference diagnostics: mean gamma of each model on each dataset\n",
+            _md_table(header, rows),
+            "\nThe paper (Kim et al. 2024, Fig. 2) expects the reference's gamma on the next step's data to rise step "
+            "by step, and a model's gamma on data it trained on to be far higher (a reference that saw the data).\n",
+        ]
+        if heat:
+            parts.append("![gamma matrix](gamma_matrix.png)\n")
+    if curves:
+        parts += ["\n## Training curves\n", "![curves](curves.png)\n"]
+    path = run.root / "report.md"
+    atomic_write_text(path, "\n".join(parts) + "\n")
+    return path
+
+
+def print_summary(manifest: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="sDPO steps")
+    for h in SUMMARY_HEADER:
+        table.add_column(h, justify="right")
+    for r in summary_rows(manifest):
+        table.add_row(*r)
+    console.print(table)
+    header, rows = matrix_table(manifest)
+    if rows:
+        mt = Table(title="mean gamma of each model on each dataset")
+        for h in header:
+            mt.add_column(h, justify="right")
+        for r in rows:
+            mt.add_row(*r)
+        console.print(mt)
