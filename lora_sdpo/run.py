@@ -103,6 +103,12 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     for i in range(1, n + 1):
         entry = manifest["steps"][i - 1]
         if entry.get("status") == "done" and run.adapter_dir(i).exists() and run.model_dir(i).exists():
+            if entry.get("data_fingerprint") != data.steps[i - 1].fingerprint:
+                raise RunError(
+                    f"{run.root}: the data of step {i} changed since it ran (fingerprint "
+                    f"{entry.get('data_fingerprint', '?')[:12]} -> {data.steps[i - 1].fingerprint[:12]}); "
+                    "pass --restart to start over, or choose another --output"
+                )
             log(f"step {i}/{n}: done earlier, skipped")
             continue
         # A step that did not finish is redone whole, from its own clean folder.
