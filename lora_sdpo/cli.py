@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import sys
 import warnings
 
@@ -57,7 +58,7 @@ def run(recipe, output, overrides, restart):
 
     from .run import run_recipe
 
-    console = Console(stderr=False, highlight=False)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     manifest = run_recipe(loaded, output=output, restart=restart, log=lambda m: console.print(m, soft_wrap=True))
     from .report import build_report, print_summary
 
@@ -69,6 +70,28 @@ def run(recipe, output, overrides, restart):
         if d["reliable"] and d["retention"] is not None and d["retention"] < warn:
             console.print(f"[yellow]warning: step {s['index']} kept only {d['retention']:.2f} of its gamma gain after the merge (< {warn})[/]")
     console.print(f"run complete: {loaded.output_dir(output)} (report: {report})")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--arms", default="dpo,sdpo,sdpo-strat", show_default=True,
+              help="Comma-separated: dpo, sdpo, sdpo-strat, sdpo-curriculum, sdpo-base-init.")
+@click.option("--output", "-o", required=True, help="Folder for the arms' run directories and comparison.md.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key for every arm.")
+def compare(recipe, arms, output, overrides):
+    """Run the paper's ablations on RECIPE's data with identical budgets and compare them on held-out pairs."""
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides)
+    _quiet_libraries()
+    from rich.console import Console
+
+    from .compare import run_comparison
+
+    console = Console(highlight=False)
+    run_comparison(loaded, [a.strip() for a in arms.split(",") if a.strip()], output,
+                   log=lambda m: console.print(m, soft_wrap=True))
+    console.print((Path(output) / "comparison.md").read_text(), soft_wrap=True)
 
 
 @main.command()
@@ -135,13 +158,53 @@ def plan(recipe, overrides):
 @click.option("--output", "-o", required=True, help="Folder for the merged model (must not exist inside BASE).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default="bfloat16", show_default=True)
 @click.option("--max-shard-size", default="2GB", show_default=True)
-def merge(base, adapter, output, dtype, max_shard_size):
+@click.option("--merge-base", type=click.Choice(["original", "nf4-roundtrip"]), default="original", show_default=True,
+              help="Add the delta to W, or to dequant(NF4(W)) as the QLoRA adapter saw it (see README).")
+def merge(base, adapter, output, dtype, max_shard_size, merge_base):
     """Merge a LoRA ADAPTER into BASE, streamed tensor by tensor (the delta is added in float32)."""
+    from .hub import local_model_dir
     from .merge import merge_lora
-    from .run import local_model_dir
 
-    res = merge_lora(local_model_dir(base), adapter, output, dtype=dtype, max_shard_size=max_shard_size)
-    click.echo(f"merged {res['merged']} weights, copied {res['copied']} unchanged -> {os.path.abspath(output)} ({dtype})")
+    res = merge_lora(local_model_dir(base), adapter, output, dtype=dtype, max_shard_size=max_shard_size, merge_base=merge_base)
+    extra = f", replaced {res['replaced']} (modules_to_save)" if res["replaced"] else ""
+    untied = "; untied lm_head from the input embeddings (the adapter changes only one of them)" if res["untied"] else ""
+    click.echo(f"merged {res['merged']} weights{extra}, copied {res['copied']} unchanged -> {os.path.abspath(output)} ({dtype}, base {merge_base}){untied}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--output", "-o", required=True, help="Folder for the export (replaced whole if it holds an earlier export).")
+@click.option("--step", type=int, help="Step to export (default: the last finished step).")
+@click.option("--what", type=click.Choice(["merged", "adapter"]), default="merged", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default="bfloat16", show_default=True,
+              help="dtype of the merged weights (the run keeps them in float32).")
+@click.option("--max-shard-size", default="2GB", show_default=True)
+def export(run_dir, output, step, what, dtype, max_shard_size):
+    """A self-contained folder from RUN_DIR: M_t or the adapter A_t, tokenizer, model card, recipe."""
+    from .export import export_run
+
+    plan = export_run(run_dir, output, step=step, what=what, dtype=dtype, max_shard_size=max_shard_size)
+    kind = f"merged, {plan.dtype}" if plan.what == "merged" else "adapter, applies to " + ("S" if plan.step == 1 else f"M_{plan.step - 1}")
+    click.echo(f"exported step {plan.step} ({kind}): {len(plan.files) + 1} files, "
+               f"{plan.total_bytes / 2**20:.1f} MB -> {os.path.abspath(output)}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False, exists=True))
+@click.option("--repo-id", required=True, help="OWNER/NAME of the Hub model repo.")
+@click.option("--public", is_flag=True, help="Create the repo public, or allow uploading into an existing public repo.")
+@click.option("--revision", help="Branch to upload to (created if missing; default main).")
+@click.option("--dry-run", is_flag=True, help="Print the files (with sizes) and the model card; upload nothing.")
+@click.option("--what", type=click.Choice(["merged", "adapter"]), default="merged", show_default=True, help="For a run directory: what to export.")
+@click.option("--step", type=int, help="For a run directory: the step to export (default: the last).")
+def push(path, repo_id, public, revision, dry_run, what, step):
+    """Upload an export folder (or a finished run directory, exported first) to the Hub; private by default.
+
+    The token comes from huggingface_hub (HF_TOKEN or `hf auth login`), never from an option.
+    """
+    from .hub import push as push_to_hub
+
+    push_to_hub(path, repo_id, public=public, revision=revision, dry_run=dry_run, what=what, step=step, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -342,12 +342,17 @@ class RunData:
     """Every step's D_t and the eval data, validated before any training starts."""
 
     steps: list[PairSet]
-    overlong: list[list[tuple[str, int]]]
+    overlong: list[str]  # "source row N" of pairs dropped because the prompt fills max_length
     eval: PairSet | None
 
 
-def prepare_run_data(recipe: LoadedRecipe, tokenizer) -> RunData:
-    """Read and check all data up front: a bad row in step 2's file must not wait for step 1's hours."""
+def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
+    """Read and check all data up front: a bad row in step 2's file must not wait for step 1's hours.
+
+    `score(rows) -> gammas` (the base model's) is needed only by the curriculum split.
+    """
+    from .splits import apply_split
+
     t = recipe.recipe.training
     frac = recipe.recipe.data.max_bad_fraction
     steps, overlong = [], []
@@ -356,7 +361,9 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer) -> RunData:
         if not ps.rows:
             raise DataError(f"step {i + 1}: no pairs left after dropping bad rows; check its sources")
         steps.append(ps)
-        overlong.append(dropped)
+        overlong += [f"{s} row {n}" for s, n in dropped]
+    d = recipe.recipe.data
+    steps = apply_split(d.split, steps, d.fractions, recipe.recipe.run.seed, score)
     ev = load_eval_pairs(recipe)
     if ev is not None:
         ev, _ = drop_overlong(ev, tokenizer, t.max_length, frac)

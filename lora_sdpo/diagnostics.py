@@ -96,7 +96,7 @@ def measure(
     from .data import load_pairs
     from .model import load_base, load_tokenizer
     from .recipe import AdapterConfig, SourceConfig
-    from .run import local_model_dir
+    from .hub import local_model_dir
 
     preset = AdapterConfig(quantization=quantization, compute_dtype=compute_dtype)
     model_dir = local_model_dir(model_path)

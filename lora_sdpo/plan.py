@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import DataError
 from .data import load_eval_pairs, load_step_pairs, token_lengths
 from .model import lora_parameter_count
+from .splits import apply_split, composition
 from .recipe import AdapterConfig, LoadedRecipe
 
 GIB = 2**30
@@ -111,20 +112,35 @@ def make_plan(recipe: LoadedRecipe) -> Plan:
     if problem:
         plan.unreachable.append(problem)
     plan.add("")
+    natural: list = []
     for i in range(len(cfg.steps)):
+        try:
+            natural.append(load_step_pairs(recipe, i))
+        except DataError as e:
+            if not any(s.dataset for s in cfg.steps[i].sources):
+                raise
+            plan.unreachable.append(f"step {i + 1}: {e}")
+            natural.append(None)
+    split = cfg.data.split
+    steps_data = natural
+    if split != "natural":
+        plan.add(f"split: {split}" + (f", fractions {cfg.data.fractions}" if cfg.data.fractions else ", fractions of the natural steps' sizes"))
+        if split == "curriculum":
+            plan.add("  (pairs are ranked by S's gamma when the run starts; the sizes below are exact, the members are not)")
+        if all(ps is not None for ps in natural):
+            steps_data = apply_split("stratified" if split == "curriculum" else split, natural, cfg.data.fractions, cfg.run.seed)
+    for i, pairs in enumerate(steps_data):
         ref = "S" if i == 0 else f"M_{i}"
         plan.add(f"step {i + 1}: D_{i + 1} -> M_{i + 1} (reference {ref})")
-        try:
-            pairs = load_step_pairs(recipe, i)
-        except DataError as e:
-            if any(s.dataset for s in cfg.steps[i].sources):
-                plan.unreachable.append(f"step {i + 1}: {e}")
-                for s in cfg.steps[i].sources:
-                    plan.add(f"  source {s.label}: not reachable here")
-                continue
-            raise
-        for rep in pairs.reports:
-            plan.add(f"  source {rep.summary()}")
+        if pairs is None:
+            for s in cfg.steps[i].sources:
+                plan.add(f"  source {s.label}: not reachable here")
+            continue
+        if split == "natural":
+            for rep in pairs.reports:
+                plan.add(f"  source {rep.summary()}")
+        elif split == "stratified":
+            plan.add("  " + ", ".join(f"{n} from {src}" for src, n in composition(pairs).items()))
         n = len(pairs.rows)
         steps = math.ceil(math.ceil(n / t.per_device_train_batch_size) / t.gradient_accumulation_steps) * t.num_train_epochs
         plan.add(f"  {n} pairs, {steps:g} optimizer steps")

@@ -95,7 +95,14 @@ class StepConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    split: Literal["natural"] = Field("natural", description="How D_1..D_T are formed: natural = the sources of each step.")
+    split: Literal["natural", "stratified", "curriculum"] = Field(
+        "natural",
+        description="How D_1..D_T are formed: natural = each step's sources; stratified = the union re-cut by "
+        "`fractions` per source (seeded); curriculum = the union ranked by S's gamma, easiest first.",
+    )
+    fractions: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Share of the union per step for stratified/curriculum (default: the natural steps' sizes)."
+    )
     eval: list[SourceConfig] = Field([], description="Held-out preference data, never trained on.")
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         0.01, description="Refuse a source when more than this fraction of its rows is bad; below it, drop and report them."
@@ -155,6 +162,18 @@ class Recipe(_Strict):
         if not v:
             raise ValueError("add at least one [[steps]] table")
         return v
+
+    @model_validator(mode="after")
+    def _fractions_fit_steps(self) -> "Recipe":
+        f = self.data.fractions
+        if f is not None:
+            if self.data.split == "natural":
+                raise ValueError("data.fractions applies to split = stratified or curriculum; remove it for natural")
+            if len(f) != len(self.steps):
+                raise ValueError(f"data.fractions has {len(f)} entries for {len(self.steps)} steps; give one per step")
+            if abs(sum(f) - 1) > 1e-6:
+                raise ValueError(f"data.fractions sum to {sum(f):g}; they must sum to 1")
+        return self
 
 
 class LoadedRecipe(BaseModel):

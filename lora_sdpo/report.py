@@ -116,7 +116,7 @@ def plot_matrix(manifest: dict, path: Path) -> bool:
     gm = manifest["gamma_matrix"]
     models, data = list(gm["rows"]), list(gm["sample"])
     values = [[(gm["rows"][m].get(d) or {}).get("mean") or 0.0 for d in data] for m in models]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(data), 1.2 + 0.6 * len(models)))
+    fig, ax = plt.subplots(figsize=(2.4 + 1.4 * len(data), 1.4 + 0.6 * len(models)))
     im = ax.imshow(values, cmap="RdBu", aspect="auto", vmin=-max(abs(v) for r in values for v in r) or -1,
                    vmax=max(abs(v) for r in values for v in r) or 1)
     ax.set_xticks(range(len(data)), data)
@@ -124,8 +124,8 @@ def plot_matrix(manifest: dict, path: Path) -> bool:
     for i, r in enumerate(values):
         for j, v in enumerate(r):
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=9)
-    fig.colorbar(im, ax=ax, label="mean gamma = log p(chosen) - log p(rejected)")
-    ax.set_title("gamma of each model on each dataset")
+    fig.colorbar(im, ax=ax, label="mean gamma")
+    ax.set_title("mean gamma = log p(chosen) - log p(rejected)", fontsize=10)
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .data import prepare_run_data
 from .diagnostics import tokenize_pair
-from .errors import ModelError, RunError
+from .errors import RunError
+from .hub import local_model_dir
 from .model import load_tokenizer
 from .recipe import LoadedRecipe
 from .rundir import RunDir, atomic_write_text, remove_temporaries
@@ -22,27 +23,21 @@ def library_versions() -> dict[str, str]:
     return {name: version(name) for name in LIBRARIES}
 
 
-def local_model_dir(location: str, revision: str | None = None) -> Path:
-    """S as a local folder: the folder itself, or a snapshot of the Hub repo's safetensors and configs."""
-    p = Path(location)
-    if p.is_dir():
-        return p.resolve()
-    from huggingface_hub import snapshot_download
+def _base_scorer(recipe: LoadedRecipe, base_dir: Path, tokenizer):
+    """gamma of NF4(S) on pairs, for the curriculum split (None for the other splits)."""
+    if recipe.recipe.data.split != "curriculum":
+        return None
 
-    try:
-        return Path(
-            snapshot_download(
-                location,
-                revision=revision,
-                allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.md", "LICENSE*"],
-            )
-        )
-    except Exception as e:  # offline, missing repo, gated repo: all mean "cannot get it here"
-        raise ModelError(
-            f"model {location!r} is not a local folder and cannot be fetched from the Hub "
-            f"({type(e).__name__}). Without network access (HF_HUB_OFFLINE=1) download it first "
-            "and set model.path to the folder."
-        ) from None
+    def score(rows: list[dict]) -> list[float]:
+        from .diagnostics import gammas
+        from .model import load_base
+
+        model = load_base(base_dir, recipe.adapter)
+        g = gammas(model, [tokenize_pair(r, tokenizer) for r in rows], tokenizer, recipe.recipe.training.max_length)
+        del model
+        return g.tolist()
+
+    return score
 
 
 def new_manifest(recipe: LoadedRecipe) -> dict:
@@ -87,11 +82,14 @@ def prepare_run_dir(recipe: LoadedRecipe, output: str | None, restart: bool) -> 
 
 
 def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = False, log=print) -> dict:
-    run, manifest = prepare_run_dir(recipe, output, restart)
-    log(f"run directory: {run.root}")
+    # Model and data are checked before the run directory is touched: bad input writes nothing.
     base_dir = local_model_dir(recipe.model_location(), recipe.recipe.model.revision)
     tokenizer = load_tokenizer(base_dir, trust_remote_code=recipe.recipe.model.trust_remote_code)
-    data = prepare_run_data(recipe, tokenizer)
+    data = prepare_run_data(recipe, tokenizer, score=_base_scorer(recipe, base_dir, tokenizer))
+    run, manifest = prepare_run_dir(recipe, output, restart)
+    log(f"run directory: {run.root}")
+    manifest["split"] = recipe.recipe.data.split
+    manifest["dropped_overlong"] = data.overlong
     k = recipe.recipe.diagnostics.gamma_sample
     named = {f"D_{i + 1}": ps for i, ps in enumerate(data.steps)}
     if data.eval is not None:
@@ -116,7 +114,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         manifest["steps"][i - 1] = {"index": i, "status": "running"}
         run.write_manifest(manifest)
         log(f"step {i}/{n}: training on D_{i} with reference {'S' if i == 1 else f'M_{i - 1}'}")
-        entry, matrix_rows = run_step(ctx, i, data.steps[i - 1], data.overlong[i - 1])
+        entry, matrix_rows = run_step(ctx, i, data.steps[i - 1])
         manifest["steps"][i - 1] = entry
         manifest["gamma_matrix"]["rows"].update(matrix_rows)
         if recipe.recipe.run.keep_models == "last" and i > 1:

@@ -24,6 +24,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .data import PairSet, write_pairs
 from .diagnostics import gammas, stats
+from .splits import composition
 from .errors import DataError
 from .merge import merge_lora
 from .model import lora_config, load_base, load_tokenizer, sequence_logps
@@ -131,7 +132,7 @@ def _free(*objs) -> None:
         torch.cuda.empty_cache()
 
 
-def run_step(ctx: StepContext, index: int, pairs: PairSet, overlong: list) -> tuple[dict, dict]:
+def run_step(ctx: StepContext, index: int, pairs: PairSet) -> tuple[dict, dict]:
     """Run step `index` (1-based) on D_t = `pairs`; return its manifest entry and gamma-matrix rows."""
     recipe, run = ctx.recipe, ctx.run
     cfg = recipe.recipe
@@ -245,7 +246,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, overlong: list) -> tu
         "status": "done",
         "sources": [rep.summary() for rep in pairs.reports],
         "rows": len(pairs.rows),
-        "dropped_overlong": [f"{s} row {n}" for s, n in overlong],
+        "composition": composition(pairs),
         "data_fingerprint": pairs.fingerprint,
         "reference": "S" if index == 1 else f"M_{index - 1}",
         "target_init": cfg.model.target_init,

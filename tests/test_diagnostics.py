@@ -38,8 +38,10 @@ def test_gamma_command_equals_independent_computation(data_dir):
         _, pair, _ = normalise(r)
         gs.append(completion_logp(model, tok, pair["prompt"], pair["chosen"], 128) - completion_logp(model, tok, pair["prompt"], pair["rejected"], 128))
     g = torch.tensor(gs)
-    assert abs(entry["mean"] - float(g.mean())) < 1e-4
-    assert abs(entry["median"] - float(g.median() if len(g) % 2 else g.sort().values[1:3].mean())) < 1e-4
+    # gamma is a difference of two summed log-probs, each within 1e-4 of full-logit fp32 (fused,
+    # chunked LM head vs log_softmax over all logits), so gamma agrees within 2e-4
+    assert abs(entry["mean"] - float(g.mean())) < 2e-4
+    assert abs(entry["median"] - float(g.sort().values[1:3].mean())) < 2e-4  # n = 4: mean of the middle two
     assert abs(entry["frac_positive"] - float((g > 0).float().mean())) < 1e-9
 
 

@@ -1,0 +1,141 @@
+"""`lora-sdpo compare`: the paper's Table 2 in miniature, on your data.
+
+Every arm is the same recipe with one thing changed, so they see the same pairs, epochs,
+effective batch, learning rate and schedule per step:
+    dpo             one step on the union of all steps' data (plain DPO)
+    sdpo            the recipe as written (natural split)
+    sdpo-strat      the union re-cut per source into the natural steps' sizes (the paper's Strat.)
+    sdpo-curriculum the union ranked by S's gamma, easiest first
+    sdpo-base-init  each step's target starts from S, its reference stays M_{t-1} (paper sec. 3.5)
+Arms run one after another, each in its own run directory, so the comparison resumes like a run.
+Held-out results: preference accuracy against S (share of eval pairs where the final model's gamma
+beats S's), mean held-out gamma, final train loss, wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+from .errors import RecipeError
+from .recipe import LoadedRecipe, Recipe, _format_errors
+
+ARMS = {
+    "dpo": "one step on the union of all steps' data",
+    "sdpo": "the recipe as written",
+    "sdpo-strat": 'data.split = "stratified"',
+    "sdpo-curriculum": 'data.split = "curriculum"',
+    "sdpo-base-init": 'model.target_init = "base"',
+}
+
+
+def arm_recipe(loaded: LoadedRecipe, arm: str) -> LoadedRecipe:
+    """The recipe of one arm: the user's recipe with exactly the arm's change."""
+    from pydantic import ValidationError
+
+    if arm not in ARMS:
+        raise RecipeError(f"--arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    data = tomllib.loads(loaded.text)
+    data.setdefault("data", {})
+    if arm == "dpo":
+        data["steps"] = [{"sources": [s for step in data["steps"] for s in step["sources"]]}]
+        data["data"]["split"] = "natural"
+        data["data"].pop("fractions", None)
+    elif arm == "sdpo-strat":
+        data["data"]["split"] = "stratified"
+    elif arm == "sdpo-curriculum":
+        data["data"]["split"] = "curriculum"
+    elif arm == "sdpo-base-init":
+        data.setdefault("model", {})["target_init"] = "base"
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(f"{loaded.path} (arm {arm})", e)) from None
+    text = loaded.text.rstrip() + f"\n\n# lora-sdpo compare, arm {arm}: {ARMS[arm]}\n"
+    return LoadedRecipe(path=loaded.path, text=text, recipe=recipe, adapter=loaded.adapter, adapter_source=loaded.adapter_source)
+
+
+def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=print) -> dict:
+    from .data import prepare_run_data
+    from .diagnostics import gammas, tokenize_pair
+    from .model import load_base, load_tokenizer
+    from .hub import local_model_dir
+    from .run import run_recipe
+
+    if not loaded.recipe.data.eval:
+        raise RecipeError(f"{loaded.path}: compare needs held-out data: add a [[data.eval]] source")
+    recipes = {arm: arm_recipe(loaded, arm) for arm in arms}  # every arm validated before any runs
+    output = Path(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    results_path = output / "comparison.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"arms": {}}
+
+    base_dir = local_model_dir(loaded.model_location(), loaded.recipe.model.revision)
+    tokenizer = load_tokenizer(base_dir)
+    max_len = loaded.recipe.training.max_length
+    eval_rows = [tokenize_pair(r, tokenizer) for r in prepare_run_data(loaded, tokenizer).eval.rows]
+
+    def eval_gammas(model_dir: Path):
+        model = load_base(model_dir, loaded.adapter)
+        g = gammas(model, eval_rows, tokenizer, max_len)
+        del model
+        return g
+
+    g_base = eval_gammas(base_dir)
+    results["eval_pairs"] = len(eval_rows)
+    results["base_eval_gamma_mean"] = float(g_base.mean())
+    for arm, rec in recipes.items():
+        prev = results["arms"].get(arm)
+        if prev and prev.get("recipe_sha256") == rec.sha256:
+            log(f"arm {arm}: done earlier, skipped")
+            continue
+        log(f"arm {arm}: {ARMS[arm]}")
+        manifest = run_recipe(rec, output=str(output / arm), log=log)
+        last = manifest["steps"][-1]
+        g = eval_gammas(output / arm / last["model"])
+        results["arms"][arm] = {
+            "recipe_sha256": rec.sha256,
+            "steps": len(manifest["steps"]),
+            "pairs": sum(s["rows"] for s in manifest["steps"]),
+            "pref_accuracy_vs_S": float((g > g_base).float().mean()),
+            "eval_gamma_mean": float(g.mean()),
+            "final_train_loss": last["last_loss"],
+            "wall_s": round(manifest_wall(manifest), 1),
+            "gamma_matrix": manifest.get("gamma_matrix"),
+        }
+        from .rundir import atomic_write_json
+
+        atomic_write_json(results_path, results)
+    write_comparison_md(results, output / "comparison.md")
+    return results
+
+
+def manifest_wall(manifest: dict) -> float:
+    return sum(s["timings"]["total"] for s in manifest["steps"])
+
+
+def write_comparison_md(results: dict, path: Path) -> None:
+    from .report import _fmt, _md_table
+    from .rundir import atomic_write_text
+
+    header = ["arm", "steps", "pairs", "pref. accuracy vs S", "mean eval gamma", "final train loss", "wall time"]
+    rows = [
+        [arm, str(r["steps"]), str(r["pairs"]), _fmt(r["pref_accuracy_vs_S"], 3), _fmt(r["eval_gamma_mean"], 2),
+         _fmt(r["final_train_loss"], 4), f"{r['wall_s']:.0f}s"]
+        for arm, r in results["arms"].items()
+    ]
+    parts = [
+        "# Comparison\n",
+        f"Held-out: {results['eval_pairs']} pairs; S's mean gamma on them: {results['base_eval_gamma_mean']:.2f}. "
+        "Preference accuracy vs S: the share of held-out pairs where the arm's final model has a larger "
+        "gamma = log p(chosen) - log p(rejected) than S.\n",
+        _md_table(header, rows),
+    ]
+    for arm, r in results["arms"].items():
+        gm = r.get("gamma_matrix") or {}
+        if gm.get("rows"):
+            data = list(gm["sample"])
+            parts += [f"\n### {arm}: mean gamma of each model on each dataset\n",
+                      _md_table(["model"] + data, [[m] + [_fmt((v.get(d) or {}).get("mean"), 2) for d in data] for m, v in gm["rows"].items()])]
+    atomic_write_text(path, "\n".join(parts) + "\n")
