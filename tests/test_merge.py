@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from conftest import cli
+from conftest import cli, nf4
 from lora_sdpo.merge import MergeError, merge_lora, nf4_roundtrip
 from lora_sdpo.shards import model_tensors, read_tensor
 
@@ -27,14 +27,15 @@ def _tiny(tmp_path, shard="60KB", tie=False, seed=0):
     return model, base
 
 
-def _nf4(path):
-    """The QLoRA view of a model: NF4 with double quantisation from float32, standard (differentiable) kernel."""
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=q, dtype=torch.float32).eval()
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
+def _adapter(model, config, path):
+    """A random LoRA (B != 0) whose modules_to_save copies differ from the base, saved to `path`."""
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(path)
+    return peft_model
 
 
 def _same_logits(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
@@ -81,12 +82,7 @@ CASES = {
 def test_streamed_merge_equals_peft_and_the_formula(tmp_path, case):
     model, base = _tiny(tmp_path)
     assert (base / "model.safetensors.index.json").exists()  # a multi-shard base
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, **CASES[case]))
-    with torch.no_grad():  # trained copies that differ from the base
-        for n, p in peft_model.named_parameters():
-            if "modules_to_save" in n:
-                p.add_(0.05 * torch.randn_like(p))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model = _adapter(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, **CASES[case]), tmp_path / "adapter")
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         adapter_logits = peft_model(ids).logits
@@ -135,12 +131,7 @@ def test_tied_embeddings_keep_what_the_adapter_computed(tmp_path, case):
     model, base = _tiny(tmp_path, shard="10MB", tie=True)
     assert "lm_head.weight" not in model_tensors(base)
     kwargs, untie, peft_wrong = TIED[case]
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "modules_to_save" in n:
-                p.add_(0.05 * torch.randn_like(p))
-    pm.save_pretrained(tmp_path / "adapter")
+    pm = _adapter(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs), tmp_path / "adapter")
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         expected = pm(ids).logits
@@ -161,7 +152,7 @@ def test_nf4_roundtrip_merge_base_equals_the_qlora_model(tmp_path):
     model, base = _tiny(tmp_path, shard="10MB")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
-    qlora = PeftModel.from_pretrained(_nf4(base), tmp_path / "adapter").eval()
+    qlora = PeftModel.from_pretrained(nf4(base), tmp_path / "adapter").eval()
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         expected = qlora(ids).logits
