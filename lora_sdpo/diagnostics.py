@@ -95,7 +95,7 @@ def measure(
     """`lora-sdpo gamma`: gamma statistics of a model (and optionally a second one) per data source."""
     from .data import load_pairs
     from .model import load_base, load_tokenizer
-    from .recipe import AdapterConfig, SourceConfig
+    from .recipe import AdapterConfig
     from .hub import local_model_dir
 
     preset = AdapterConfig(quantization=quantization, compute_dtype=compute_dtype)

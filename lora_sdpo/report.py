@@ -155,7 +155,8 @@ def build_report(root: Path) -> Path:
         "## Steps\n",
         _md_table(SUMMARY_HEADER, summary_rows(manifest)),
         "\nfirst loss: the DPO loss of the first optimizer update (ln 2 = 0.6931 when the reference is the step's "
-        "starting model). gamma_ref: mean gamma of the step's reference on all of D_t. retention: the share of the "
+        "starting model). reward acc: TRL's reward accuracy averaged over the last quarter of the step's updates. "
+        "gamma_ref: mean gamma of the step's reference on all of D_t. retention: the share of the "
         "adapter's gamma gain kept by NF4(M_t) after the merge.\n",
     ]
     for s in manifest["steps"]:

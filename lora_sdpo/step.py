@@ -27,7 +27,7 @@ from .diagnostics import gammas, stats
 from .splits import composition
 from .errors import DataError
 from .merge import merge_lora
-from .model import lora_config, load_base, load_tokenizer, sequence_logps
+from .model import lora_config, load_base, sequence_logps
 from .recipe import LoadedRecipe
 from .rundir import RunDir, atomic_dir, atomic_write_bytes
 
@@ -124,9 +124,8 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
     )
 
 
-def _free(*objs) -> None:
-    for o in objs:
-        del o
+def _release_memory() -> None:
+    """Return freed models' memory now, before the next model is loaded."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -217,8 +216,8 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet) -> tuple[dict, dict]:
 
     with atomic_dir(run.adapter_dir(index)) as tmp:
         trainer.model.save_pretrained(str(tmp), safe_serialization=True)
-    _free(trainer, model, ref_model)
-    trainer = model = ref_model = None
+    del trainer, model, ref_model
+    _release_memory()
 
     t = time.perf_counter()
     merge_lora(target_dir, run.adapter_dir(index), run.model_dir(index), dtype="float32")
@@ -234,7 +233,8 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet) -> tuple[dict, dict]:
         t = time.perf_counter()
         matrix[f"M_{index}"] = ctx.gamma_row(merged)
         timings["diagnostics"] = timings.get("diagnostics", 0.0) + time.perf_counter() - t
-    _free(merged)
+    del merged
+    _release_memory()
     retention = retention_stats(g_start, g_adapter, g_merged)
 
     logs = [m for m in metrics.records if "loss" in m and "train_runtime" not in m]
