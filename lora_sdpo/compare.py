@@ -58,7 +58,8 @@ def arm_recipe(loaded: LoadedRecipe, arm: str) -> LoadedRecipe:
 
 def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=print) -> dict:
     from .data import prepare_run_data
-    from .diagnostics import gammas, tokenize_pair
+    from .data import tokenize_pair
+    from .diagnostics import gammas
     from .model import load_base, load_tokenizer
     from .hub import local_model_dir
     from .run import run_recipe

@@ -376,17 +376,30 @@ def write_pairs(pairs: PairSet, path: Path) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs.rows))
 
 
+def tokenize_pair(row: dict, tokenizer) -> dict:
+    """prompt_ids / chosen_ids / rejected_ids exactly as TRL's DPOTrainer tokenises a pair."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    if isinstance(row["chosen"], list):
+        prompt = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
+        chosen = _tokenize(tokenizer, row["prompt"] + row["chosen"])["input_ids"]
+        rejected = _tokenize(tokenizer, row["prompt"] + row["rejected"])["input_ids"]
+    else:  # standard strings: TRL appends EOS to the completions
+        eos = tokenizer.eos_token
+        c = row["chosen"] if row["chosen"].endswith(eos) else row["chosen"] + eos
+        r = row["rejected"] if row["rejected"].endswith(eos) else row["rejected"] + eos
+        prompt = _tokenize(tokenizer, row["prompt"])["input_ids"]
+        chosen = _tokenize(tokenizer, row["prompt"] + c)["input_ids"]
+        rejected = _tokenize(tokenizer, row["prompt"] + r)["input_ids"]
+    n = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
+    return {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
+
+
 def token_lengths(rows: list[dict], tokenizer) -> list[tuple[int, int, int]]:
-    """(prompt, prompt+chosen, prompt+rejected) token counts after the chat template, as TRL tokenises."""
+    """(prompt, prompt+chosen, prompt+rejected) token counts, as TRL tokenises them."""
     out = []
     for r in rows:
-        if isinstance(r["chosen"], str):
-            p = len(tokenizer(r["prompt"])["input_ids"])
-            c = len(tokenizer(r["prompt"] + r["chosen"])["input_ids"])
-            j = len(tokenizer(r["prompt"] + r["rejected"])["input_ids"])
-        else:
-            p = len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-            c = len(tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=True, return_dict=True)["input_ids"])
-            j = len(tokenizer.apply_chat_template(r["prompt"] + r["rejected"], tokenize=True, return_dict=True)["input_ids"])
-        out.append((p, c, j))
+        t = tokenize_pair(r, tokenizer)
+        p = len(t["prompt_ids"])
+        out.append((p, p + len(t["chosen_ids"]), p + len(t["rejected_ids"])))
     return out

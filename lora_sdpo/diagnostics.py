@@ -12,30 +12,12 @@ import statistics
 
 import torch
 
+from .data import tokenize_pair
 from .model import sequence_logps
 
 # A gamma gain over S this large, in units of S's spread on the data, is what a model that
 # trained on the data shows; the paper's M_2 jumps from -25 to +84 on its own training data.
 SEEN_DATA_SPREAD = 1.0
-
-
-def tokenize_pair(row: dict, tokenizer) -> dict:
-    """prompt_ids / chosen_ids / rejected_ids exactly as TRL's DPOTrainer tokenises a pair."""
-    from trl.data_utils import _tokenize, common_prefix_length
-
-    if isinstance(row["chosen"], list):
-        prompt = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
-        chosen = _tokenize(tokenizer, row["prompt"] + row["chosen"])["input_ids"]
-        rejected = _tokenize(tokenizer, row["prompt"] + row["rejected"])["input_ids"]
-    else:  # standard strings: TRL appends EOS to the completions
-        eos = tokenizer.eos_token
-        c = row["chosen"] if row["chosen"].endswith(eos) else row["chosen"] + eos
-        r = row["rejected"] if row["rejected"].endswith(eos) else row["rejected"] + eos
-        prompt = _tokenize(tokenizer, row["prompt"])["input_ids"]
-        chosen = _tokenize(tokenizer, row["prompt"] + c)["input_ids"]
-        rejected = _tokenize(tokenizer, row["prompt"] + r)["input_ids"]
-    n = min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected))
-    return {"prompt_ids": prompt[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]}
 
 
 def gammas(model, tokenized: list[dict], tokenizer, max_length: int, batch_size: int = 8) -> torch.Tensor:

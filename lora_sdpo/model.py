@@ -130,11 +130,12 @@ def sequence_logps(model, tokenized: list[dict], pad_token_id: int, max_length: 
     label mask are TRL's collator's, so the numbers mean exactly what the trainer's do.
     """
     collator = DataCollatorForPreference(pad_token_id=pad_token_id, max_length=max_length)
-    if not getattr(model, "_lora_sdpo_fused", False):
-        target = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not getattr(target, "_lora_sdpo_fused", False):
-            add_fused_lm_head(target)
-            target._lora_sdpo_fused = True
+    # TRL's head goes on the transformers model under any PEFT wrapper, once (the marker is also
+    # set by step.py on models TRL has already patched).
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(target, "_lora_sdpo_fused", False):
+        add_fused_lm_head(target)
+        target._lora_sdpo_fused = True
     device = next(p.device for p in model.parameters())
     was_training = model.training
     model.eval()

@@ -7,8 +7,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from .data import prepare_run_data
-from .diagnostics import tokenize_pair
+from .data import prepare_run_data, tokenize_pair
 from .errors import RunError
 from .hub import local_model_dir
 from .model import load_tokenizer
@@ -95,7 +94,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     if data.eval is not None:
         named["eval"] = data.eval
     samples = {name: [tokenize_pair(r, tokenizer) for r in ps.rows[:k]] for name, ps in named.items()}
-    ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, log=log, samples=samples)
+    ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, samples=samples)
     manifest.setdefault("gamma_matrix", {"sample": {name: len(rows) for name, rows in samples.items()}, "rows": {}})
     n = len(recipe.recipe.steps)
     for i in range(1, n + 1):

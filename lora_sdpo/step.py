@@ -38,7 +38,6 @@ class StepContext:
     run: RunDir
     base_dir: Path  # S, as a local folder of safetensors
     tokenizer: object
-    log: object  # callable(str) for one-line messages
     samples: dict[str, list[dict]]  # tokenised first pairs of each D_t and of the eval data (gamma matrix)
 
     def gamma_row(self, model) -> dict[str, dict]:

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 from conftest import MODEL, cli, completion_logp, nf4
 from lora_sdpo.data import normalise
-from lora_sdpo.diagnostics import seen_data_warning, tokenize_pair
+from lora_sdpo.data import tokenize_pair
+from lora_sdpo.diagnostics import seen_data_warning
 
 
 def test_tokenize_pair_is_trls_tokenisation(two_step_run):
