@@ -137,6 +137,16 @@ def _sharegpt(msgs: Any) -> list[dict]:
     return [_msg(roles.get(m.get("from"), m.get("from")), m.get("value")) for m in msgs]
 
 
+FORMAT_KEYS = {
+    "openai": ("input", "preferred_output", "non_preferred_output"),
+    "sharegpt": ("conversations", "chosen", "rejected"),
+    "orca": ("question", "chosen", "rejected"),
+    "conversational": ("prompt", "chosen", "rejected"),
+    "standard": ("prompt", "chosen", "rejected"),
+    "implicit": ("chosen", "rejected"),
+}
+
+
 def detect_format(row: dict) -> str:
     keys = set(row)
     if {"input", "preferred_output", "non_preferred_output"} <= keys:
@@ -214,11 +224,16 @@ def _to_pair(fmt: str, row: dict) -> dict:
     if fmt == "implicit":
         chosen, rejected = row["chosen"], row["rejected"]
         if isinstance(chosen, str) and isinstance(rejected, str):
+            if chosen != rejected and (chosen.startswith(rejected) or rejected.startswith(chosen)):
+                raise _Bad("one completion is a prefix of the other, so there is no point where the prompt ends")
             ex = extract_prompt({"chosen": chosen, "rejected": rejected})
             if not ex["prompt"].strip():
                 raise _Bad("chosen and rejected share no common prompt prefix")
             return ex
         if isinstance(chosen, list) and isinstance(rejected, list):
+            short, long_ = sorted((chosen, rejected), key=len)
+            if chosen != rejected and long_[: len(short)] == short:
+                raise _Bad("one transcript is a prefix of the other, so there is no point where the prompt ends")
             ex = extract_prompt({"chosen": chosen, "rejected": rejected})
             if not ex["prompt"]:
                 raise _Bad("chosen and rejected transcripts share no prompt messages")
@@ -273,10 +288,14 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe, max_bad_fracti
         rep = SourceReport(label=src.label, total=len(raw))
         seen: set[str] = set()
         valid = 0
-        for n, r in enumerate(raw, 1):
-            fmt, pair, problem = normalise(r)
-            rep.formats[fmt] += 1
+        results = [normalise(r) for r in raw]
+        rep.formats.update(fmt for fmt, _, _ in results if fmt != "unknown")
+        main_fmt = rep.formats.most_common(1)[0][0] if rep.formats else None
+        for n, (r, (fmt, pair, problem)) in enumerate(zip(raw, results), 1):
             if problem:
+                if fmt == "unknown" and main_fmt and isinstance(r, dict):
+                    missing = [k for k in FORMAT_KEYS[main_fmt] if k not in r]
+                    problem = f"missing {', '.join(f'`{k}`' for k in missing)} (the other rows are {main_fmt} format)"
                 rep.bad.append((n, problem))
                 continue
             key = json.dumps(pair, sort_keys=True)

@@ -44,11 +44,11 @@ def local_model_dir(location: str, revision: str | None = None) -> Path:
     """
     p = Path(location)
     if p.is_dir():
-        return p.resolve()
+        return check_safetensors(p.resolve())
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
+        folder = Path(
             snapshot_download(
                 location,
                 revision=revision,
@@ -61,6 +61,23 @@ def local_model_dir(location: str, revision: str | None = None) -> Path:
             f"({type(e).__name__}). Without network access (HF_HUB_OFFLINE=1) download it first "
             "and give the folder."
         ) from None
+    return check_safetensors(folder, hub_id=location)
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors(folder: Path, hub_id: str | None = None) -> Path:
+    """Models are read from safetensors only: pickle weights can run code when they are loaded."""
+    if any(folder.glob("*.safetensors")) or not (folder / "config.json").exists():
+        return folder  # a model with safetensors, or not a model folder (its own loader will say so)
+    pickles = sorted(f.name for pat in PICKLE_WEIGHTS for f in folder.glob(pat))
+    where = f"Hub repo {hub_id!r}" if hub_id else f"model folder {folder}"
+    raise ModelError(
+        f"{where} has no safetensors weights{' (only ' + ', '.join(pickles[:3]) + ')' if pickles else ''}. lora-sdpo loads "
+        "safetensors only, because pickle weights can run code when loaded. Convert the model once in a trusted "
+        "environment (load it with transformers and save_pretrained(..., safe_serialization=True)) and point at that folder"
+    )
 
 
 def never_upload(rel: str) -> bool:

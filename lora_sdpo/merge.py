@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file
 
 from .errors import MergeError
-from .rundir import atomic_dir
-from .shards import OutTensor, RawCopy, model_tensors, plan_shards, read_rows, read_tensor, row_blocks, weight_files, write_shards
+from .rundir import atomic_dir, ensure_free_space
+from .shards import OutTensor, RawCopy, model_tensors, plan_shards, read_rows, read_tensor, row_blocks, shard_sizes, weight_files, write_shards
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -404,6 +404,8 @@ def merge_lora(
     check_output(out_dir, {"base model": base_dir, "adapter": adapter_dir}, replaceable=("config.json", "model.safetensors", "model.safetensors.index.json"))
     weight_files(base_dir)
     plan = plan_merge(base_dir, adapter_dir, dtype, max_shard_size, merge_base)
+    side = sum(f.stat().st_size for f in side_files(base_dir))
+    ensure_free_space(out_dir.parent, sum(shard_sizes(plan.shards)) + side, f"the merged model {out_dir}", MergeError)
     with atomic_dir(out_dir) as tmp:
         copy_side_files(base_dir, tmp)
         write_merge(plan, tmp, double_quant)

@@ -8,6 +8,8 @@ at once, each with its key path and what to do (see `RecipeError`).
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -123,6 +125,15 @@ class TrainingConfig(_Strict):
     max_grad_norm: Annotated[float, Field(gt=0)] = Field(1.0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (use_reentrant=False).")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast of training (fp16 is not offered with 4-bit).")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, v: Any) -> Any:
+        if v in ("fp16", "float16"):
+            raise ValueError(
+                "fp16 is not offered: with a 4-bit base its loss overflows to NaN; use \"bf16\" (GPUs since Ampere) or \"fp32\""
+            )
+        return v
     precompute_ref_batch_size: Annotated[int, Field(gt=0)] | None = Field(None, description="Batch of the reference pass.")
     disable_dropout: bool = Field(True, description="Turn dropout off in policy and reference (TRL's default).")
 
@@ -142,6 +153,9 @@ class RunConfig(_Strict):
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
     output_dir: str | None = Field(None, description="Run directory (default runs/NAME under the current folder).")
     keep_models: Literal["all", "last"] = Field("all", description="Keep every M_t on disk, or only the last.")
+    checkpoint_every: Annotated[int, Field(ge=0)] = Field(
+        50, description="Save a trainer checkpoint every N optimizer steps, to resume a killed step from (0: never)."
+    )
 
 
 class Recipe(_Strict):
@@ -187,8 +201,14 @@ class LoadedRecipe(BaseModel):
     adapter_source: str
 
     @property
+    def effective(self) -> dict:
+        """Every setting as run: the recipe after --set overrides and defaults, and the adapter it names."""
+        return {"recipe": self.recipe.model_dump(mode="json"), "adapter": self.adapter.model_dump(mode="json")}
+
+    @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        """Identity of the settings (not of the file's comments or layout): resume needs the same one."""
+        return hashlib.sha256(json.dumps(self.effective, sort_keys=True).encode()).hexdigest()
 
     def resolve(self, p: str) -> Path:
         q = Path(p).expanduser()
@@ -309,6 +329,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     text, data = _load_toml(path)
     if overrides:
         data = apply_overrides(data, list(overrides))
+    secrets = [key for key, v in _strings(data) if TOKEN_RE.search(v)]
+    if secrets:
+        raise RecipeError(
+            f"{path}: {', '.join(secrets)} holds what looks like a Hugging Face access token. lora-sdpo never takes "
+            "tokens from recipes or arguments (they would end up in the run directory and in logs): remove it, and "
+            "set HF_TOKEN in the environment or run `hf auth login` instead"
+        )
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
@@ -336,6 +363,17 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     if overrides:
         loaded.text = _with_overrides_comment(text, overrides)
     return loaded
+
+
+TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{30,}")
+
+
+def _strings(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(key path, value) of every string in a parsed recipe."""
+    if isinstance(data, str):
+        return [(prefix, data)]
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+    return [kv for k, v in items for kv in _strings(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
 def _with_overrides_comment(text: str, overrides: list[str]) -> str:

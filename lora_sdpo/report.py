@@ -150,7 +150,7 @@ def build_report(root: Path) -> Path:
     curves = plot_curves(run, manifest, run.root / "curves.png")
     heat = plot_matrix(manifest, run.root / "gamma_matrix.png")
     parts = [
-        f"# sDPO run report\n\nRecipe: `recipe.toml` (sha256 `{manifest['recipe_sha256'][:12]}`), base model "
+        f"# sDPO run report\n\nRecipe: `recipe.toml` (settings sha256 `{manifest['recipe_sha256'][:12]}`), base model "
         f"`{manifest['base_model']}`, status **{manifest['status']}**.\n",
         "## Steps\n",
         _md_table(SUMMARY_HEADER, summary_rows(manifest)),

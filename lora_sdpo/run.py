@@ -8,11 +8,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 from .data import prepare_run_data, tokenize_pair
-from .errors import RunError
+from . import faults
+from .errors import RunError, UserError
 from .hub import local_model_dir
 from .model import load_tokenizer
 from .recipe import LoadedRecipe
-from .rundir import RunDir, atomic_write_text, remove_temporaries
+from .rundir import RunDir, atomic_write_text, remove_temporaries, verify_files
 from .step import StepContext, run_step
 
 LIBRARIES = ("lora-sdpo", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "safetensors")
@@ -44,6 +45,7 @@ def new_manifest(recipe: LoadedRecipe) -> dict:
         "format": 1,
         "recipe_sha256": recipe.sha256,
         "recipe": "recipe.toml",
+        "settings": recipe.effective,
         "versions": library_versions(),
         "base_model": recipe.recipe.model.path,
         "adapter": recipe.adapter.model_dump(),
@@ -66,10 +68,10 @@ def prepare_run_dir(recipe: LoadedRecipe, output: str | None, restart: bool) -> 
         shutil.rmtree(root)
         manifest = None
     if manifest is not None and manifest.get("recipe_sha256") != recipe.sha256:
+        changed = recipe_changes(manifest.get("settings"), recipe.effective)
         raise RunError(
-            f"{root} holds a run of a different recipe (recipe_sha256 {manifest.get('recipe_sha256', '?')[:12]} "
-            f"vs {recipe.sha256[:12]}); resume it with the same recipe, pass --restart to start over, "
-            "or choose another --output"
+            f"{root} holds a run of a different recipe ({changed}); resume it with the same recipe, "
+            "pass --restart to start over, or choose another --output"
         )
     root.mkdir(parents=True, exist_ok=True)
     remove_temporaries(root)
@@ -80,6 +82,25 @@ def prepare_run_dir(recipe: LoadedRecipe, output: str | None, restart: bool) -> 
     return run, manifest
 
 
+def recipe_changes(old: dict | None, new: dict, n: int = 6) -> str:
+    """What differs between the settings a run was started with and these, key by key."""
+    if old is None:
+        return "its manifest predates recorded settings"
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+            if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    diffs = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return "changed: " + "; ".join(diffs[:n]) + (f"; ... {len(diffs) - n} more" if len(diffs) > n else "")
+
+
 def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = False, log=print) -> dict:
     # Model and data are checked before the run directory is touched: bad input writes nothing.
     base_dir = local_model_dir(recipe.model_location(), recipe.recipe.model.revision)
@@ -87,6 +108,12 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     data = prepare_run_data(recipe, tokenizer, score=_base_scorer(recipe, base_dir, tokenizer))
     run, manifest = prepare_run_dir(recipe, output, restart)
     log(f"run directory: {run.root}")
+    for i, ps in enumerate(data.steps, 1):
+        for rep in ps.reports:
+            if rep.bad or rep.duplicates:
+                log(f"warning: step {i}: {rep.summary()}")
+    if data.overlong:
+        log(f"warning: {len(data.overlong)} pairs dropped, their prompt fills training.max_length: {', '.join(data.overlong[:5])}")
     manifest["split"] = recipe.recipe.data.split
     manifest["dropped_overlong"] = data.overlong
     k = recipe.recipe.diagnostics.gamma_sample
@@ -96,24 +123,64 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     samples = {name: [tokenize_pair(r, tokenizer) for r in ps.rows[:k]] for name, ps in named.items()}
     ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, samples=samples)
     manifest.setdefault("gamma_matrix", {"sample": {name: len(rows) for name, rows in samples.items()}, "rows": {}})
+    ctx.matrix_rows_done = set(manifest["gamma_matrix"]["rows"])
+
+    def save_rows(rows: dict) -> None:
+        manifest["gamma_matrix"]["rows"].update(rows)
+        run.write_manifest(manifest)
+
+    ctx.save_matrix_rows = save_rows
     n = len(recipe.recipe.steps)
     for i in range(1, n + 1):
         entry = manifest["steps"][i - 1]
-        if entry.get("status") == "done" and run.adapter_dir(i).exists() and run.model_dir(i).exists():
-            if entry.get("data_fingerprint") != data.steps[i - 1].fingerprint:
+        fingerprint = data.steps[i - 1].fingerprint
+        if entry.get("data_fingerprint") not in (None, fingerprint):
+            rows = f"{entry['rows']} -> {len(data.steps[i - 1].rows)} pairs, " if "rows" in entry else ""
+            raise RunError(
+                f"{run.root}: the data of step {i} changed since it ran ({rows}fingerprint "
+                f"{entry['data_fingerprint'][:12]} -> {fingerprint[:12]}); "
+                "pass --restart to start over, or choose another --output"
+            )
+        if entry.get("status") == "done":
+            problem = verify_files(run.adapter_dir(i), entry.get("adapter_files"))
+            if problem is None and entry.get("model") is not None:
+                problem = verify_files(run.model_dir(i), entry.get("model_files"))
+            if problem is None:
+                log(f"step {i}/{n}: done earlier, skipped (files verified against the manifest's sha256)")
+                continue
+            if i > 1 and manifest["steps"][i - 2].get("model") is None:
                 raise RunError(
-                    f"{run.root}: the data of step {i} changed since it ran (fingerprint "
-                    f"{entry.get('data_fingerprint', '?')[:12]} -> {data.steps[i - 1].fingerprint[:12]}); "
-                    "pass --restart to start over, or choose another --output"
+                    f"step {i}: {problem}, and M_{i - 1}, needed to redo it, was removed (run.keep_models = "
+                    "\"last\"); pass --restart to start over"
                 )
-            log(f"step {i}/{n}: done earlier, skipped")
-            continue
-        # A step that did not finish is redone whole, from its own clean folder.
-        shutil.rmtree(run.step(i), ignore_errors=True)
-        manifest["steps"][i - 1] = {"index": i, "status": "running"}
-        run.write_manifest(manifest)
+            log(f"step {i}/{n}: {problem}; redoing step {i} and every step after it")
+            for j in range(i, n + 1):
+                shutil.rmtree(run.step(j), ignore_errors=True)
+                manifest["steps"][j - 1] = {"index": j, "status": "pending"}
+                for name in (f"M_{j}",):
+                    manifest["gamma_matrix"]["rows"].pop(name, None)
+            entry = manifest["steps"][i - 1]
+        if entry.get("status") in ("running", "failed"):
+            log(f"step {i}/{n}: resuming the interrupted step (its {entry.get('phase', 'start')} phase)")
+            entry["status"] = "running"
+            entry.pop("error", None)
+        else:
+            shutil.rmtree(run.step(i), ignore_errors=True)  # leftovers of a step that never got going
+            entry = {"index": i, "status": "running", "phase": "reference", "data_fingerprint": fingerprint, "rows": len(data.steps[i - 1].rows)}
+        manifest["steps"][i - 1] = entry
+
+        def save(e: dict, i: int = i) -> None:
+            manifest["steps"][i - 1] = e
+            run.write_manifest(manifest)
+
+        save(entry)
         log(f"step {i}/{n}: training on D_{i} with reference {'S' if i == 1 else f'M_{i - 1}'}")
-        entry, matrix_rows = run_step(ctx, i, data.steps[i - 1])
+        try:
+            entry, matrix_rows = run_step(ctx, i, data.steps[i - 1], entry, save)
+        except UserError as e:
+            manifest["steps"][i - 1].update(status="failed", error=str(e))
+            run.write_manifest(manifest)
+            raise
         manifest["steps"][i - 1] = entry
         manifest["gamma_matrix"]["rows"].update(matrix_rows)
         if recipe.recipe.run.keep_models == "last" and i > 1:
@@ -121,6 +188,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
             manifest["steps"][i - 2]["model"] = None
         run.write_manifest(manifest)
         log(step_summary(entry, n))
+        faults.point("done")
     manifest["status"] = "done"
     run.write_manifest(manifest)
     return manifest

@@ -130,3 +130,57 @@ class RunDir:
     def write_manifest(self, manifest: dict) -> None:
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_json(self.manifest_path, manifest)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path: what the manifest records of A_t and M_t."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def verify_files(folder: Path, hashes: dict[str, str] | None) -> str | None:
+    """None when `folder` holds exactly the files the manifest recorded, else what is wrong."""
+    if not hashes:
+        return "the manifest records no file hashes for it"
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} is missing"
+    for rel, digest in hashes.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{p} is missing"
+        if sha256_file(p) != digest:
+            return f"{p} does not match the manifest's sha256 (damaged or changed)"
+    return None
+
+
+def ensure_free_space(folder: Path, need: int, what: str, error=None) -> None:
+    """Stop before writing `need` bytes into `folder` when the disk cannot hold them."""
+    from .errors import RunError
+
+    p = Path(folder).resolve()
+    while not p.exists():
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if free < need:
+        raise (error or RunError)(
+            f"{what} needs {_gb(need)} on {p}, but only {_gb(free)} is free; free at least "
+            f"{_gb(need - free)} there (or put the run on another disk with --output) and run the same command again"
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from . import faults
 from .errors import MergeError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -218,6 +219,7 @@ def write_shards(
                 if written != t.nbytes:
                     raise AssertionError(f"{t.name}: produced {written} bytes, planned {t.nbytes} ({t.shape})")
                 del data
+        faults.point("merge")
     if len(names) > 1:
         (Path(out_dir) / INDEX_NAME).write_text(index_json(shards))
     return names

@@ -14,22 +14,30 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
-from .data import PairSet, write_pairs
+from . import faults
+from .data import PairSet
 from .diagnostics import gammas, stats
-from .splits import composition
-from .errors import DataError
+from .errors import DataError, RunError
 from .merge import merge_lora
 from .model import lora_config, load_base, sequence_logps
 from .recipe import LoadedRecipe
-from .rundir import RunDir, atomic_dir, atomic_write_bytes
+from .rundir import RunDir, atomic_dir, atomic_write_bytes, atomic_write_json, ensure_free_space, file_hashes, verify_files
+from .splits import composition
+
+
+class TrainingDiverged(RunError):
+    """The loss became NaN or inf; the message names the step and optimizer step."""
 
 
 @dataclass
@@ -39,6 +47,8 @@ class StepContext:
     base_dir: Path  # S, as a local folder of safetensors
     tokenizer: object
     samples: dict[str, list[dict]]  # tokenised first pairs of each D_t and of the eval data (gamma matrix)
+    matrix_rows_done: set = field(default_factory=set)  # gamma-matrix rows already in the manifest
+    save_matrix_rows: Callable[[dict], None] = lambda rows: None
 
     def gamma_row(self, model) -> dict[str, dict]:
         """One row of the gamma matrix: the model's gamma statistics on every dataset's sample."""
@@ -49,11 +59,11 @@ class StepContext:
 class JsonlMetrics(TrainerCallback):
     """Every TRL log record, one JSON object a line (metrics.jsonl); the first is optimizer step 1."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_until: int = 0):
+        """Resuming from the checkpoint of optimizer step `keep_until` keeps the records up to it."""
         self.path = path
-        self.records: list[dict] = []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
+        self.records = [r for r in _read_metrics(path) if keep_until and r.get("step", 0) <= keep_until]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
@@ -114,7 +124,14 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
         logging_steps=1,
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=t.precompute_ref_batch_size,
-        save_strategy="no",
+        # Checkpoints to resume a killed step from (sealed by CheckpointSeal); the last two are kept
+        # so that a kill while one is written leaves the one before.
+        save_strategy="steps" if recipe.recipe.run.checkpoint_every else "no",
+        save_steps=recipe.recipe.run.checkpoint_every or 500,
+        save_total_limit=2,
+        save_only_model=False,
+        # A NaN loss must reach LossGuard as NaN, not be replaced by the window's mean.
+        logging_nan_inf_filter=False,
         report_to=[],
         seed=recipe.recipe.run.seed,
         data_seed=recipe.recipe.run.seed,
@@ -130,116 +147,183 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_step(ctx: StepContext, index: int, pairs: PairSet) -> tuple[dict, dict]:
-    """Run step `index` (1-based) on D_t = `pairs`; return its manifest entry and gamma-matrix rows."""
+SEAL = "lora-sdpo-complete.json"
+
+
+class CheckpointSeal(TrainerCallback):
+    """Seal each trainer checkpoint once it is written whole; resume trusts sealed checkpoints only.
+
+    transformers writes a checkpoint's files one by one into its final folder, so a kill in the
+    middle leaves a folder that looks like a checkpoint. The seal (written atomically, after the
+    files are fsynced) is what tells a complete one.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                files = {}
+                for f in sorted(ckpt.rglob("*")):
+                    if f.is_file():
+                        with open(f, "rb") as fh:
+                            os.fsync(fh.fileno())
+                        files[str(f.relative_to(ckpt))] = f.stat().st_size
+                atomic_write_json(ckpt / SEAL, {"global_step": state.global_step, "files": files})
+        faults.point(f"train:{state.global_step}")
+
+
+class ResumableDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer, resumable to the same result.
+
+    TRL trains QLoRA adapters in bfloat16 (it casts them after get_peft_model), but transformers
+    resumes a PEFT checkpoint through PeftModel.load_adapter, which upcasts the adapter to float32:
+    a resumed step would go on in another precision than the one it started in (measured here: the
+    adapter of a step resumed at optimizer step 2 of 3 differed by 6e-4). The trainable parameters
+    get back the dtype they had before the checkpoint was loaded, before the optimizer is built.
+    """
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = model if model is not None else self.model
+        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for n, p in target.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
+
+
+def sealed_checkpoint(trainer_dir: Path) -> Path | None:
+    """The newest complete trainer checkpoint; unsealed (interrupted) ones are removed."""
+    best = None
+    for d in sorted(trainer_dir.glob("checkpoint-*")) if trainer_dir.is_dir() else []:
+        seal = d / SEAL
+        ok = seal.exists() and all(
+            (d / rel).is_file() and (d / rel).stat().st_size == size for rel, size in json.loads(seal.read_text())["files"].items()
+        )
+        if not ok:
+            shutil.rmtree(d, ignore_errors=True)
+        elif best is None or int(d.name.split("-")[1]) > int(best.name.split("-")[1]):
+            best = d
+    return best
+
+
+class LossGuard(TrainerCallback):
+    """Stop at the first NaN or inf loss, before a checkpoint of the broken weights is saved."""
+
+    def __init__(self):
+        self.bad: tuple[int, str, float] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):  # a non-finite gradient norm means the update already broke the weights
+            v = (logs or {}).get(key)
+            if isinstance(v, (int, float)) and not math.isfinite(v) and self.bad is None:
+                self.bad = (state.global_step, "loss" if key == "loss" else "gradient norm", float(v))
+                control.should_training_stop = True
+                control.should_save = False
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a line torn by a kill in the middle of an append is left out."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _same_file(path: Path, data: bytes) -> bool:
+    return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+
+
+def _write_pairs_once(pairs: PairSet, path: Path) -> None:
+    """pairs.jsonl, left untouched when a resumed step finds it already right (TRL's dataset
+    cache, which holds the tokenised pairs and the reference log-probs, is keyed on it)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs.rows).encode()
+    if not _same_file(path, data):
+        atomic_write_bytes(path, data)
+
+
+def _free_space_for_model(run: RunDir, index: int, source_dir: Path) -> None:
+    """M_t is written as float32 shards; stop now, not after hours of training, if it cannot fit."""
+    from .shards import model_tensors
+
+    need = sum(math.prod(t.shape) * 4 if t.is_float else t.nbytes for t in model_tensors(source_dir).values())
+    ensure_free_space(run.step(index), need, f"step {index}: writing M_{index} (float32)")
+
+
+def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) -> tuple[dict, dict]:
+    """Run step `index` (1-based) on D_t = `pairs`; return its manifest entry and gamma-matrix rows.
+
+    The manifest entry's `phase` says which phase a killed step was in, and resume redoes only it:
+      reference  D_t tokenised and its reference log-probs computed (TRL's cache in data/hf_cache,
+                 kept across a kill, and ref_logps.safetensors)
+      train      the DPO training of A_t, resumed from the last sealed trainer checkpoint; ends with
+                 A_t saved (its files' sha256 in the manifest) and the retention sample's gammas
+      merge      M_t written (its files' sha256 in the manifest)
+      retention  retention on NF4(M_t) and the gamma-matrix row; then the step is done.
+    `entry` is the step's manifest entry so far; `save(entry)` writes it into the manifest.
+    """
     recipe, run = ctx.recipe, ctx.run
     cfg = recipe.recipe
+    faults.set_step(index)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = dict(entry.get("timings_partial", {}))  # phases timed before a resume
+    before = timings.pop("total", 0.0)
     prev_dir = ctx.base_dir if index == 1 else run.model_dir(index - 1)
     target_dir = prev_dir if cfg.model.target_init == "previous" else ctx.base_dir
-
-    matrix: dict[str, dict] = {}
-    # Data: D_t, normalised and written into the step folder, tokenised by TRL there.
     data_dir = run.data_dir(index)
-    write_pairs(pairs, data_dir / "pairs.jsonl")
-    import datasets
-
-    dataset = datasets.load_dataset(
-        "json", data_files=str(data_dir / "pairs.jsonl"), split="train", cache_dir=str(data_dir / "hf_cache")
-    )
-
-    # Models: the target, and the reference (the same model with the adapter off unless the
-    # target starts from S, the paper's ablation, where the reference M_{t-1} is loaded apart).
-    t = time.perf_counter()
-    model = load_base(target_dir, recipe.adapter)
-    ref_model = None if target_dir == prev_dir else load_base(prev_dir, recipe.adapter)
-    timings["load"] = time.perf_counter() - t
-
-    metrics = JsonlMetrics(run.metrics_path(index))
-    set_seed(cfg.run.seed)  # LoRA's A is drawn inside DPOTrainer.__init__ (get_peft_model)
-    t = time.perf_counter()
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=dpo_config(recipe, run.step(index) / "trainer"),
-        train_dataset=dataset,
-        processing_class=ctx.tokenizer,
-        peft_config=lora_config(recipe.adapter),
-        callbacks=[metrics, StepProgress(index)],
-    )
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)  # used instead when logging is quiet
-    # TRL has patched its fused LM head into both; lora-sdpo's own gamma passes reuse it.
-    trainer.model.get_base_model()._lora_sdpo_fused = True
-    if ref_model is not None:
-        ref_model._lora_sdpo_fused = True
-    timings["reference"] = time.perf_counter() - t
-    if index == 1 and cfg.diagnostics.gamma_matrix:
-        t = time.perf_counter()
-        if ref_model is None:
-            with trainer.model.disable_adapter():  # exactly S
-                matrix["S"] = ctx.gamma_row(trainer.model)
-        else:
-            matrix["S"] = ctx.gamma_row(ref_model)
-        timings["diagnostics"] = time.perf_counter() - t
-    train_ds = trainer.train_dataset
-    if len(train_ds) != len(pairs.rows):
-        raise DataError(f"step {index}: TRL kept {len(train_ds)} of {len(pairs.rows)} pairs; expected all")
-    ref_chosen = torch.tensor(train_ds["ref_chosen_logps"], dtype=torch.float32)
-    ref_rejected = torch.tensor(train_ds["ref_rejected_logps"], dtype=torch.float32)
-    atomic_write_bytes(
-        data_dir / "ref_logps.safetensors",
-        _safetensors_bytes({"chosen": ref_chosen, "rejected": ref_rejected, "row": torch.tensor([r["row"] for r in pairs.rows])}),
-    )
-    gamma_ref = ref_chosen - ref_rejected
-
-    t = time.perf_counter()
-    trainer.train()
-    timings["train"] = time.perf_counter() - t
-
-    # Retention, part 1: gamma of the adapter model and of its starting point on a fixed sample.
-    t = time.perf_counter()
-    k = min(cfg.retention.sample_size, len(train_ds))
-    sample = [train_ds[i] for i in range(k)]
+    matrix: dict[str, dict] = {}
     pad_id, max_len = ctx.tokenizer.pad_token_id, cfg.training.max_length
-    c, r = sequence_logps(trainer.model, sample, pad_id, max_len)
-    g_adapter = c - r
-    if ref_model is None:
-        g_start = gamma_ref[:k]
-    else:
-        with trainer.model.disable_adapter():
-            c, r = sequence_logps(trainer.model, sample, pad_id, max_len)
-        g_start = c - r
-    timings["retention"] = time.perf_counter() - t
+    retention_path = run.step(index) / "retention_sample.safetensors"
 
-    with atomic_dir(run.adapter_dir(index)) as tmp:
-        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
-    del trainer, model, ref_model
+    def mark(phase: str, **extra):
+        partial = {**timings, "total": before + time.perf_counter() - t0}
+        entry.update(phase=phase, timings_partial={k: round(v, 2) for k, v in partial.items()}, **extra)
+        save(entry)
+
+    adapter_ok = verify_files(run.adapter_dir(index), entry.get("adapter_files")) is None and retention_path.exists()
+    if not adapter_ok:
+        entry.pop("model_files", None)  # an M_t merged from another A_t is not this step's
+        _free_space_for_model(run, index, target_dir)
+        _write_pairs_once(pairs, data_dir / "pairs.jsonl")
+        _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_path, mark)
+        faults.point("adapter")
     _release_memory()
 
-    t = time.perf_counter()
-    merge_lora(target_dir, run.adapter_dir(index), run.model_dir(index), dtype="float32")
-    timings["merge"] = time.perf_counter() - t
+    if verify_files(run.model_dir(index), entry.get("model_files")) is not None:
+        t = time.perf_counter()
+        merge_lora(target_dir, run.adapter_dir(index), run.model_dir(index), dtype="float32")
+        timings["merge"] = time.perf_counter() - t
+        mark("retention", model_files=file_hashes(run.model_dir(index)))
 
     # Retention, part 2: the merged M_t, re-quantised exactly as the next step will load it.
+    from safetensors.torch import load_file
+
+    kept = load_file(retention_path)
+    sample = _retention_sample(data_dir, ctx, cfg.retention.sample_size)
     t = time.perf_counter()
     merged = load_base(run.model_dir(index), recipe.adapter)
     c, r = sequence_logps(merged, sample, pad_id, max_len)
     g_merged = c - r
-    timings["retention"] += time.perf_counter() - t
+    timings["retention"] = timings.get("retention", 0.0) + time.perf_counter() - t
     if cfg.diagnostics.gamma_matrix:
         t = time.perf_counter()
         matrix[f"M_{index}"] = ctx.gamma_row(merged)
         timings["diagnostics"] = timings.get("diagnostics", 0.0) + time.perf_counter() - t
     del merged
     _release_memory()
-    retention = retention_stats(g_start, g_adapter, g_merged)
+    retention = retention_stats(kept["start"], kept["adapter"], g_merged)
 
-    logs = [m for m in metrics.records if "loss" in m and "train_runtime" not in m]
+    records = _read_metrics(run.metrics_path(index))
+    logs = [m for m in records if "loss" in m and "train_runtime" not in m]
     first, last = (logs[0], logs[-1]) if logs else ({}, {})
     tail = logs[-max(1, len(logs) // 4) :]
-    timings["total"] = time.perf_counter() - t0
+    timings["total"] = before + time.perf_counter() - t0
+    ref = load_file(data_dir / "ref_logps.safetensors")
+    gamma_ref = ref["chosen"] - ref["rejected"]
     return {
         "index": index,
         "status": "done",
@@ -261,8 +345,118 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet) -> tuple[dict, dict]:
         "retention_detail": retention,
         "adapter": run.rel(run.adapter_dir(index)),
         "model": run.rel(run.model_dir(index)),
+        "adapter_files": entry["adapter_files"],
+        "model_files": entry["model_files"],
+        "resumed": entry.get("resumed", []),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }, matrix
+
+
+def _retention_sample(data_dir: Path, ctx: StepContext, k: int) -> list[dict]:
+    """The first k pairs of D_t, tokenised as TRL tokenised them for training."""
+    from .data import tokenize_pair
+
+    rows = [json.loads(line) for line in (data_dir / "pairs.jsonl").read_text().splitlines()[:k]]
+    return [tokenize_pair(r, ctx.tokenizer) for r in rows]
+
+
+def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_path, mark) -> None:
+    """Phases reference and train: A_t saved, with the retention sample's start and adapter gammas."""
+    recipe, run = ctx.recipe, ctx.run
+    cfg = recipe.recipe
+    data_dir = run.data_dir(index)
+    import datasets
+
+    dataset = datasets.load_dataset(
+        "json", data_files=str(data_dir / "pairs.jsonl"), split="train", cache_dir=str(data_dir / "hf_cache")
+    )
+
+    # Models: the target, and the reference (the same model with the adapter off unless the
+    # target starts from S, the paper's ablation, where the reference M_{t-1} is loaded apart).
+    t = time.perf_counter()
+    model = load_base(target_dir, recipe.adapter)
+    ref_model = None if target_dir == prev_dir else load_base(prev_dir, recipe.adapter)
+    timings["load"] = time.perf_counter() - t
+
+    trainer_dir = run.step(index) / "trainer"
+    checkpoint = sealed_checkpoint(trainer_dir)
+    resume_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
+    metrics = JsonlMetrics(run.metrics_path(index), keep_until=resume_step)
+    guard = LossGuard()
+    set_seed(cfg.run.seed)  # LoRA's A is drawn inside DPOTrainer.__init__ (get_peft_model)
+    t = time.perf_counter()
+    trainer = ResumableDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_config(recipe, trainer_dir),
+        train_dataset=dataset,
+        processing_class=ctx.tokenizer,
+        peft_config=lora_config(recipe.adapter),
+        callbacks=[metrics, guard, CheckpointSeal(), StepProgress(index)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)  # used instead when logging is quiet
+    # TRL has patched its fused LM head into both; lora-sdpo's own gamma passes reuse it.
+    trainer.model.get_base_model()._lora_sdpo_fused = True
+    if ref_model is not None:
+        ref_model._lora_sdpo_fused = True
+    timings["reference"] = time.perf_counter() - t
+    train_ds = trainer.train_dataset
+    if len(train_ds) != len(pairs.rows):
+        raise DataError(f"step {index}: TRL kept {len(train_ds)} of {len(pairs.rows)} pairs; expected all")
+    ref_chosen = torch.tensor(train_ds["ref_chosen_logps"], dtype=torch.float32)
+    ref_rejected = torch.tensor(train_ds["ref_rejected_logps"], dtype=torch.float32)
+    faults.point("reference")
+    ref_path = data_dir / "ref_logps.safetensors"
+    ref_bytes = _safetensors_bytes({"chosen": ref_chosen, "rejected": ref_rejected, "row": torch.tensor([r["row"] for r in pairs.rows])})
+    if not _same_file(ref_path, ref_bytes):
+        atomic_write_bytes(ref_path, ref_bytes)
+    if index == 1 and cfg.diagnostics.gamma_matrix and "S" not in ctx.matrix_rows_done:
+        t = time.perf_counter()
+        if ref_model is None:
+            with trainer.model.disable_adapter():  # exactly S
+                matrix["S"] = ctx.gamma_row(trainer.model)
+        else:
+            matrix["S"] = ctx.gamma_row(ref_model)
+        timings["diagnostics"] = time.perf_counter() - t
+        ctx.save_matrix_rows(matrix)
+    mark("train", **({"resumed": [f"train from checkpoint-{resume_step}"]} if checkpoint else {}))
+
+    t = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    timings["train"] = timings.get("train", 0.0) + time.perf_counter() - t
+    if guard.bad is not None:
+        step, what, value = guard.bad
+        kept = sealed_checkpoint(trainer_dir)
+        raise TrainingDiverged(
+            f"step {index}: the {what} became {value} at optimizer step {step}; training stopped and nothing of it "
+            f"was merged. {'The last good checkpoint, ' + str(kept) + ', is kept.' if kept else 'No checkpoint was saved before it.'} "
+            "Usual causes: fp16 overflow (use training.precision = \"bf16\" or \"fp32\"), a learning rate too "
+            f"high for this model (training.learning_rate = {cfg.training.learning_rate:g}; try 10x lower), or "
+            "max_grad_norm too loose. Fix the recipe and run with --restart (or another --output)."
+        )
+
+    # Retention, part 1: gamma of the adapter model and of its starting point on a fixed sample.
+    t = time.perf_counter()
+    pad_id, max_len = ctx.tokenizer.pad_token_id, cfg.training.max_length
+    k = min(cfg.retention.sample_size, len(train_ds))
+    sample = [train_ds[i] for i in range(k)]
+    c, r = sequence_logps(trainer.model, sample, pad_id, max_len)
+    g_adapter = c - r
+    if ref_model is None:
+        g_start = (ref_chosen - ref_rejected)[:k]
+    else:
+        with trainer.model.disable_adapter():
+            c, r = sequence_logps(trainer.model, sample, pad_id, max_len)
+        g_start = c - r
+    timings["retention"] = time.perf_counter() - t
+    atomic_write_bytes(retention_path, _safetensors_bytes({"start": g_start, "adapter": g_adapter}))
+
+    with atomic_dir(run.adapter_dir(index)) as tmp:
+        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+    del trainer, model, ref_model
+    mark("merge", adapter_files=file_hashes(run.adapter_dir(index)))
+    shutil.rmtree(trainer_dir, ignore_errors=True)  # checkpoints are not needed once A_t is saved
 
 
 def retention_stats(g_start: torch.Tensor, g_adapter: torch.Tensor, g_merged: torch.Tensor) -> dict:

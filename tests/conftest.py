@@ -28,6 +28,7 @@ adapter = "cpu-qlora-r16"
 [run]
 name = "test"
 seed = 7
+checkpoint_every = 1
 
 [model]
 path = "{model}"
@@ -123,14 +124,25 @@ def write_recipe(folder: Path, data_dir: Path, steps=("orca.jsonl", "ultra.jsonl
     return path
 
 
-def cli(*args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+# Every CLI call of the tests runs with this fake token in HF_TOKEN; test_secrets checks that it
+# never reaches an output or a file.
+FAKE_TOKEN = "hf_lorasdpoFAKEtoken0123456789abcdefXYZ"
+CLI_OUTPUTS: list[str] = []
+
+
+def cli_env(**extra: str) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_TOKEN": FAKE_TOKEN, **extra}
+
+
+def cli(*args: str, check: bool = True, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "lora_sdpo", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"},
+        env=cli_env(**(env or {})),
     )
+    CLI_OUTPUTS.extend((proc.stdout, proc.stderr))
     if check and proc.returncode != 0:
         raise AssertionError(f"lora-sdpo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

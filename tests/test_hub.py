@@ -24,10 +24,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import cli
+from conftest import FAKE_TOKEN, cli
 from lora_sdpo.hub import PushError, never_upload, push
-
-FAKE_TOKEN = "hf_lorasdpoFAKEtoken0123456789abcdefXYZ"
 
 
 class FakeHub:
