@@ -33,8 +33,19 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
+            rank, size = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", 1))
+            click.echo(f"error: {f'[process {rank} of {size}] ' if size > 1 else ''}{e}", err=True)
+            if size > 1:  # one of several processes: tell the launching `lora-sdpo run --num-processes`
+                from .distributed import record_error
+
+                record_error(str(e), 2)
             sys.exit(2)
+        except Exception as e:
+            if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+                from .distributed import record_error
+
+                record_error(f"{type(e).__name__}: {e}", 1)
+            raise
 
 
 @click.group(cls=_Group)
@@ -48,18 +59,35 @@ def main() -> None:
 @click.option("--output", "-o", help="Run directory (default: the recipe's run.output_dir, else runs/NAME).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. training.beta=0.05.")
 @click.option("--restart", is_flag=True, help="Delete the run directory's earlier run and start over.")
-def run(recipe, output, overrides, restart):
+@click.option("--num-processes", type=click.IntRange(min=1), help="Run in N processes through accelerate launch (one GPU each, or N CPU processes).")
+def run(recipe, output, overrides, restart, num_processes):
     """Run every step of RECIPE; resumes a run directory that holds an unfinished run."""
+    from . import distributed
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
+    if (num_processes or 1) > 1 and not distributed.world().active:
+        distributed.check(loaded, num_processes)  # refuse before anything starts
+        argv = ["run", recipe, *(["--output", output] if output else []), *[a for o in overrides for a in ("--set", o)]]
+        click.echo(f"launching {num_processes} processes through accelerate")
+        sys.exit(distributed.launch(argv + (["--restart"] if restart else []), num_processes,
+                                    echo=lambda m: click.echo(m, err=True)))
+    w = distributed.start(loaded, num_processes)  # one of several processes, or the only one
     _quiet_libraries()
     from rich.console import Console
 
     from .run import run_recipe
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-    manifest = run_recipe(loaded, output=output, restart=restart, log=lambda m: console.print(m, soft_wrap=True))
+    if w.active:
+        import torch.distributed as dist
+
+        console.print(f"process {w.rank} of {w.size} (world size {dist.get_world_size()}, backend {dist.get_backend()}, pid {os.getpid()})")
+    log = (lambda m: console.print(m, soft_wrap=True)) if w.main else (lambda m: None)
+    manifest = run_recipe(loaded, output=output, restart=restart, log=log)
+    distributed.shutdown()
+    if not w.main:
+        return
     from .report import build_report, print_summary
 
     print_summary(manifest, console)
@@ -140,7 +168,9 @@ def gamma(model_path, adapter, data_specs, against, limit, max_length, quantizat
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
-def plan(recipe, overrides):
+@click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Plan the batch split and the per-process memory of a run with N processes.")
+def plan(recipe, overrides, num_processes):
     """Validate RECIPE and show its steps, data, token lengths and memory estimate."""
     from .recipe import load_recipe
 
@@ -148,7 +178,7 @@ def plan(recipe, overrides):
     _quiet_libraries()
     from .plan import make_plan
 
-    p = make_plan(loaded)
+    p = make_plan(loaded, processes=num_processes)
     click.echo("\n".join(p.lines))
 
 

@@ -22,7 +22,7 @@ from .errors import ModelError
 from .recipe import AdapterConfig
 
 
-def quantization_config(adapter: AdapterConfig) -> BitsAndBytesConfig | None:
+def quantization_config(adapter: AdapterConfig, quant_storage: str | None = None) -> BitsAndBytesConfig | None:
     if adapter.quantization == "none":
         return None
     return BitsAndBytesConfig(
@@ -30,13 +30,16 @@ def quantization_config(adapter: AdapterConfig) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=adapter.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, adapter.compute_dtype),
+        # the packed 4-bit values in a float dtype, so that FSDP can shard them (same numbers)
+        bnb_4bit_quant_storage=getattr(torch, quant_storage or "uint8"),
     )
 
 
-def load_base(path: str | Path, adapter: AdapterConfig, revision: str | None = None, trust_remote_code: bool = False):
+def load_base(path: str | Path, adapter: AdapterConfig, revision: str | None = None, trust_remote_code: bool = False,
+              quant_storage: str | None = None):
     """M_t as the step's base: NF4 quantised from float32, or unquantised in the compute dtype."""
     compute = getattr(torch, adapter.compute_dtype)
-    qc = quantization_config(adapter)
+    qc = quantization_config(adapter, quant_storage)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
@@ -87,7 +90,8 @@ def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_c
 def _device() -> str:
     if os.environ.get("LORA_SDPO_DEVICE"):
         return os.environ["LORA_SDPO_DEVICE"]
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    # one GPU per process when several run (torchrun's LOCAL_RANK)
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
 
 
 def lora_config(adapter: AdapterConfig) -> LoraConfig:

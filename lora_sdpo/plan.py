@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .data import load_eval_pairs, load_step_pairs, token_lengths
+from .distributed import split_batch
 from .model import lora_parameter_count
 from .splits import apply_split, composition
 from .recipe import AdapterConfig, LoadedRecipe
@@ -62,9 +63,16 @@ def _stats(xs: list[int]) -> str:
     return f"mean {statistics.fmean(xs):.0f}, median {statistics.median(xs):.0f}, p95 {p95}, max {xs[-1]}"
 
 
-def memory_estimate(config: dict, adapter: AdapterConfig, recipe: LoadedRecipe) -> dict[str, float]:
-    """Peak GPU memory in bytes by part: an estimate from the shapes, not a measurement."""
+def memory_estimate(config: dict, adapter: AdapterConfig, recipe: LoadedRecipe, processes: int = 1) -> dict[str, float]:
+    """Peak GPU memory of one process in bytes by part: an estimate from the shapes, not a measurement.
+
+    With N processes each runs the per-process batch (see distributed.split_batch). Under ddp every
+    process holds the whole model; under fsdp the base weights and the LoRA states are split N
+    ways, plus one decoder layer gathered whole at a time (with CPU offload only that layer and
+    the LoRA weights in use stay on the GPU).
+    """
     t = recipe.recipe.training
+    batch, _ = split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
@@ -75,15 +83,22 @@ def memory_estimate(config: dict, adapter: AdapterConfig, recipe: LoadedRecipe) 
     wbytes = 0.516 if adapter.quantization == "nf4" else (2 if adapter.compute_dtype == "bfloat16" else 4)
     act_bytes = 2 if t.precision == "bf16" else 4
     lora = lora_parameter_count(config, adapter)
-    tokens = t.per_device_train_batch_size * 2 * t.max_length  # chosen and rejected in one batch
+    tokens = batch * 2 * t.max_length  # chosen and rejected in one batch
     if t.gradient_checkpointing:
         # one saved hidden state per layer, plus one layer's activations being recomputed
         acts = tokens * act_bytes * (layers * h + 10 * h + 4 * inter)
     else:
         acts = tokens * act_bytes * layers * (10 * h + 4 * inter)
+    base = linear * wbytes + embed * (2 if adapter.compute_dtype == "bfloat16" else 4)
+    lora_states = lora * (2 + 2 + 8)
+    d = recipe.recipe.distributed
+    if processes > 1 and d.strategy == "fsdp":
+        layer = linear / layers * wbytes  # one decoder layer gathered whole for its forward/backward
+        base = layer + (0 if d.fsdp_cpu_offload else base / processes)
+        lora_states = lora_states / layers if d.fsdp_cpu_offload else lora_states / processes
     return {
-        "base weights": linear * wbytes + embed * (2 if adapter.compute_dtype == "bfloat16" else 4),
-        "LoRA weights, grads, AdamW states": lora * (2 + 2 + 8),
+        "base weights": base,
+        "LoRA weights, grads, AdamW states": lora_states,
         "activations": acts,
         # TRL's fused head projects in tiles: a few thousand positions x vocab in fp32 at most
         "LM head tile": 2 * min(tokens, 4096) * vocab * 4 / 8,
@@ -91,7 +106,7 @@ def memory_estimate(config: dict, adapter: AdapterConfig, recipe: LoadedRecipe) 
     }
 
 
-def make_plan(recipe: LoadedRecipe) -> Plan:
+def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
     cfg = recipe.recipe
     plan = Plan()
     a = recipe.adapter
@@ -108,6 +123,12 @@ def make_plan(recipe: LoadedRecipe) -> Plan:
         f"epochs={t.num_train_epochs} batch={t.per_device_train_batch_size}x{t.gradient_accumulation_steps}={eff} "
         f"max_length={t.max_length} optim={t.optim} precision={t.precision}"
     )
+    if processes > 1:
+        b, acc = split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
+        plan.add(
+            f"processes: {processes} ({cfg.distributed.strategy}), per-process batch {b} x accumulation {acc} "
+            f"x {processes} processes = global batch {b * acc * processes}"
+        )
     config, tok, problem = read_model_config(recipe)
     if problem:
         plan.unreachable.append(problem)
@@ -142,8 +163,12 @@ def make_plan(recipe: LoadedRecipe) -> Plan:
         elif split == "stratified":
             plan.add("  " + ", ".join(f"{n} from {src}" for src, n in composition(pairs).items()))
         n = len(pairs.rows)
-        steps = math.ceil(math.ceil(n / t.per_device_train_batch_size) / t.gradient_accumulation_steps) * t.num_train_epochs
-        plan.add(f"  {n} pairs, {steps:g} optimizer steps")
+        b, acc = split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
+        per_epoch = math.ceil(math.ceil(math.ceil(n / b) / processes) / acc)
+        steps = per_epoch * t.num_train_epochs
+        repeated = per_epoch * b * acc * processes - n if processes > 1 else 0
+        plan.add(f"  {n} pairs, {steps:g} optimizer steps" + (
+            f" ({repeated} pairs repeated per epoch to fill the last batch of all {processes} processes)" if repeated > 0 else ""))
         if tok is not None:
             lens = token_lengths(pairs.rows, tok)
             plan.add(f"  prompt tokens: {_stats([p for p, _, _ in lens])}")
@@ -163,9 +188,10 @@ def make_plan(recipe: LoadedRecipe) -> Plan:
     if config is not None and "hidden_size" in config:
         lora = lora_parameter_count(config, a)
         plan.add(f"LoRA parameters: {lora:,}")
-        parts = memory_estimate(config, a, recipe)
+        parts = memory_estimate(config, a, recipe, processes)
         total = sum(parts.values())
-        plan.add(f"peak GPU memory estimate: {total / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items()) + ")")
+        who = "" if processes == 1 else f" per process ({processes} processes, {cfg.distributed.strategy})"
+        plan.add(f"peak GPU memory estimate{who}: {total / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items()) + ")")
         fits = [f"{g} GB: {'fits' if total < g * 1e9 * 0.95 else 'does not fit'}" for g in (24, 40, 80)]
         plan.add("  " + "; ".join(fits))
     for u in plan.unreachable:

@@ -148,6 +148,18 @@ class DiagnosticsConfig(_Strict):
     gamma_sample: Annotated[int, Field(gt=0)] = Field(64, description="Pairs per dataset for the gamma matrix (the first N of each).")
 
 
+class DistributedConfig(_Strict):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With --num-processes N: ddp = every process holds the NF4 model; fsdp = the NF4 "
+        "weights are stored in the compute dtype and sharded across processes (QLoRA with FSDP).",
+    )
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the sharded parameters in CPU memory between uses.")
+    timeout_minutes: Annotated[float, Field(gt=0)] = Field(
+        60, description="A process that waits longer than this for the others (a dead peer, the main process's merge) fails the run."
+    )
+
+
 class RunConfig(_Strict):
     name: str = Field("sdpo", description="Name of the run (used for the default output folder runs/NAME).")
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
@@ -169,6 +181,7 @@ class Recipe(_Strict):
     steps: list[StepConfig] = Field(..., description="The steps D_1..D_T, in order.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="The merge retention check.")
     diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig, description="Reference diagnostics.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Runs with --num-processes N.")
 
     @field_validator("steps")
     @classmethod
@@ -393,6 +406,7 @@ def schema_reference() -> str:
         ("[[steps]] / [[steps.sources]] / [[data.eval]]", SourceConfig),
         ("[retention]", RetentionConfig),
         ("[diagnostics]", DiagnosticsConfig),
+        ("[distributed]", DistributedConfig),
     ]
     out = []
     for title, cls in sections:

@@ -8,7 +8,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from .data import prepare_run_data, tokenize_pair
-from . import faults
+from . import distributed, faults
 from .errors import RunError, UserError
 from .hub import local_model_dir
 from .model import load_tokenizer
@@ -106,7 +106,14 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     base_dir = local_model_dir(recipe.model_location(), recipe.recipe.model.revision)
     tokenizer = load_tokenizer(base_dir, trust_remote_code=recipe.recipe.model.trust_remote_code)
     data = prepare_run_data(recipe, tokenizer, score=_base_scorer(recipe, base_dir, tokenizer))
-    run, manifest = prepare_run_dir(recipe, output, restart)
+    # (distributed) Only the main process writes the run directory; the others follow its manifest.
+    main = distributed.is_main()
+    if main:
+        run, manifest = prepare_run_dir(recipe, output, restart)
+    distributed.barrier()
+    if not main:
+        run = RunDir(recipe.output_dir(output))
+        manifest = run.read_manifest()
     log(f"run directory: {run.root}")
     for i, ps in enumerate(data.steps, 1):
         for rep in ps.reports:
@@ -129,8 +136,11 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         manifest["gamma_matrix"]["rows"].update(rows)
         run.write_manifest(manifest)
 
-    ctx.save_matrix_rows = save_rows
     n = len(recipe.recipe.steps)
+    if not main:
+        _follow(ctx, data.steps)
+        return manifest
+    ctx.save_matrix_rows = save_rows
     for i in range(1, n + 1):
         entry = manifest["steps"][i - 1]
         fingerprint = data.steps[i - 1].fingerprint
@@ -147,6 +157,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
                 problem = verify_files(run.model_dir(i), entry.get("model_files"))
             if problem is None:
                 log(f"step {i}/{n}: done earlier, skipped (files verified against the manifest's sha256)")
+                distributed.barrier()  # (distributed) the others read the decision from the manifest
                 continue
             if i > 1 and manifest["steps"][i - 2].get("model") is None:
                 raise RunError(
@@ -174,6 +185,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
             run.write_manifest(manifest)
 
         save(entry)
+        distributed.barrier()  # (distributed) the others read the decision from the manifest
         log(f"step {i}/{n}: training on D_{i} with reference {'S' if i == 1 else f'M_{i - 1}'}")
         try:
             entry, matrix_rows = run_step(ctx, i, data.steps[i - 1], entry, save)
@@ -191,7 +203,19 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         faults.point("done")
     manifest["status"] = "done"
     run.write_manifest(manifest)
+    distributed.barrier()
     return manifest
+
+
+def _follow(ctx: StepContext, steps: list) -> None:
+    """(distributed) A process other than the main one: it trains each step that the main process
+    starts or resumes, with it, and writes nothing; it waits while the main process merges."""
+    for i, pairs in enumerate(steps, 1):
+        distributed.barrier()  # the main process has decided: step i skipped, resumed or started
+        entry = ctx.run.read_manifest()["steps"][i - 1]
+        if entry.get("status") != "done":
+            run_step(ctx, i, pairs, entry, save=lambda e: None)
+    distributed.barrier()
 
 
 def step_summary(e: dict, n: int) -> str:
@@ -202,6 +226,10 @@ def step_summary(e: dict, n: int) -> str:
         rtext = f"retention {ret['retention']:.2f}"
     else:
         rtext = f"retention {ret['retention']:.2f} (gain {ret['gain']:.3g} within noise {ret['noise']:.2g}: not meaningful)"
+    procs = e.get("processes") or {}
+    if procs.get("count", 1) > 1:
+        rtext += f"; {procs['count']} processes" + (
+            f" ({procs['repeated_pairs']} pairs repeated to fill their last batches)" if procs["repeated_pairs"] else "")
     return (
         f"step {e['index']}/{n} done: {e['rows']} pairs, {e['timings']['total']:.0f}s, "
         f"loss {_f(e['first_loss'])} -> {_f(e['last_loss'])}, reward acc {_f(e['reward_accuracy'], 2)}, "

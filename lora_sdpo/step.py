@@ -25,7 +25,7 @@ import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
-from . import faults
+from . import distributed, faults
 from .data import PairSet
 from .diagnostics import gammas, stats
 from .errors import DataError, RunError
@@ -59,14 +59,16 @@ class StepContext:
 class JsonlMetrics(TrainerCallback):
     """Every TRL log record, one JSON object a line (metrics.jsonl); the first is optimizer step 1."""
 
-    def __init__(self, path: Path, keep_until: int = 0):
-        """Resuming from the checkpoint of optimizer step `keep_until` keeps the records up to it."""
+    def __init__(self, path: Path | None, keep_until: int = 0):
+        """Resuming from the checkpoint of optimizer step `keep_until` keeps the records up to it.
+        path None: a process other than the main one, which writes nothing."""
         self.path = path
-        self.records = [r for r in _read_metrics(path) if keep_until and r.get("step", 0) <= keep_until]
-        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        self.records = [r for r in _read_metrics(path) if keep_until and r.get("step", 0) <= keep_until] if path else []
+        if path is not None:
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or self.path is None:
             return
         rec = {"step": state.global_step, "epoch": state.epoch, **{k: _num(v) for k, v in logs.items()}}
         self.records.append(rec)
@@ -83,7 +85,8 @@ class StepProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=state.max_steps, desc=f"step {self.index}: training", unit="update", leave=False)
+        self.bar = tqdm(total=state.max_steps, desc=f"step {self.index}: training", unit="update", leave=False,
+                        disable=not state.is_world_process_zero)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
@@ -103,6 +106,8 @@ def _num(v):
 def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
     """The recipe's training settings as TRL's DPOConfig; the one place they are translated."""
     t = recipe.recipe.training
+    # With N processes, per-device batch x accumulation x N stays the recipe's global batch.
+    batch, accumulation = distributed.split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, distributed.world().size)
     return DPOConfig(
         output_dir=str(output_dir),
         beta=t.beta,
@@ -110,8 +115,8 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
         num_train_epochs=t.num_train_epochs,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         max_length=t.max_length,
         optim=t.optim,
         weight_decay=t.weight_decay,
@@ -137,6 +142,7 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
         data_seed=recipe.recipe.run.seed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        **distributed.trainer_args(recipe.recipe.distributed),
     )
 
 
@@ -285,13 +291,17 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
         save(entry)
 
     adapter_ok = verify_files(run.adapter_dir(index), entry.get("adapter_files")) is None and retention_path.exists()
+    adapter_ok = distributed.broadcast(adapter_ok)  # (distributed) the main process's view of the files decides
     if not adapter_ok:
         entry.pop("model_files", None)  # an M_t merged from another A_t is not this step's
-        _free_space_for_model(run, index, target_dir)
-        _write_pairs_once(pairs, data_dir / "pairs.jsonl")
+        if distributed.is_main():
+            _free_space_for_model(run, index, target_dir)
+            _write_pairs_once(pairs, data_dir / "pairs.jsonl")
         _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_path, mark)
         faults.point("adapter")
     _release_memory()
+    if not distributed.is_main():  # (distributed) merge, retention and the gamma matrix are the main process's
+        return None, {}
 
     if verify_files(run.model_dir(index), entry.get("model_files")) is not None:
         t = time.perf_counter()
@@ -348,6 +358,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
         "adapter_files": entry["adapter_files"],
         "model_files": entry["model_files"],
         "resumed": entry.get("resumed", []),
+        "processes": entry.get("processes"),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }, matrix
 
@@ -367,22 +378,26 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     data_dir = run.data_dir(index)
     import datasets
 
-    dataset = datasets.load_dataset(
-        "json", data_files=str(data_dir / "pairs.jsonl"), split="train", cache_dir=str(data_dir / "hf_cache")
-    )
+    with distributed.main_first():  # (distributed) the others read pairs.jsonl and the cache once it is written
+        dataset = datasets.load_dataset(
+            "json", data_files=str(data_dir / "pairs.jsonl"), split="train", cache_dir=str(data_dir / "hf_cache")
+        )
 
     # Models: the target, and the reference (the same model with the adapter off unless the
     # target starts from S, the paper's ablation, where the reference M_{t-1} is loaded apart).
     t = time.perf_counter()
-    model = load_base(target_dir, recipe.adapter)
-    ref_model = None if target_dir == prev_dir else load_base(prev_dir, recipe.adapter)
+    storage = distributed.quant_storage(cfg.distributed, recipe.adapter)  # fsdp shards floats only
+    model = load_base(target_dir, recipe.adapter, quant_storage=storage)
+    ref_model = None if target_dir == prev_dir else load_base(prev_dir, recipe.adapter, quant_storage=storage)
     timings["load"] = time.perf_counter() - t
 
     trainer_dir = run.step(index) / "trainer"
-    checkpoint = sealed_checkpoint(trainer_dir)
+    with distributed.main_first():  # the main process removes unsealed checkpoints first
+        checkpoint = sealed_checkpoint(trainer_dir)
     resume_step = int(checkpoint.name.split("-")[1]) if checkpoint else 0
-    metrics = JsonlMetrics(run.metrics_path(index), keep_until=resume_step)
+    metrics = JsonlMetrics(run.metrics_path(index) if distributed.is_main() else None, keep_until=resume_step)
     guard = LossGuard()
+    ledger = distributed.BatchLedger()
     set_seed(cfg.run.seed)  # LoRA's A is drawn inside DPOTrainer.__init__ (get_peft_model)
     t = time.perf_counter()
     trainer = ResumableDPOTrainer(
@@ -392,8 +407,9 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
         train_dataset=dataset,
         processing_class=ctx.tokenizer,
         peft_config=lora_config(recipe.adapter),
-        callbacks=[metrics, guard, CheckpointSeal(), StepProgress(index)],
+        callbacks=[metrics, guard, CheckpointSeal(), StepProgress(index), ledger],
     )
+    distributed.check_trainer(trainer, cfg.distributed)  # no silent fallback to one process or to DDP
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # used instead when logging is quiet
     # TRL has patched its fused LM head into both; lora-sdpo's own gamma passes reuse it.
@@ -409,9 +425,9 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     faults.point("reference")
     ref_path = data_dir / "ref_logps.safetensors"
     ref_bytes = _safetensors_bytes({"chosen": ref_chosen, "rejected": ref_rejected, "row": torch.tensor([r["row"] for r in pairs.rows])})
-    if not _same_file(ref_path, ref_bytes):
+    if distributed.is_main() and not _same_file(ref_path, ref_bytes):
         atomic_write_bytes(ref_path, ref_bytes)
-    if index == 1 and cfg.diagnostics.gamma_matrix and "S" not in ctx.matrix_rows_done:
+    if index == 1 and cfg.diagnostics.gamma_matrix and "S" not in ctx.matrix_rows_done and distributed.is_main():
         t = time.perf_counter()
         if ref_model is None:
             with trainer.model.disable_adapter():  # exactly S
@@ -450,12 +466,22 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
             c, r = sequence_logps(trainer.model, sample, pad_id, max_len)
         g_start = c - r
     timings["retention"] = time.perf_counter() - t
+
+    # (distributed) Every process ran the retention sample (under FSDP the model's forward is
+    # collective); what each trained on is gathered, and the main process alone writes.
+    shares = distributed.gather_object(ledger.summary(distributed.world().rank))
+    adapter_state = distributed.adapter_state_dict(trainer)
+    if not distributed.is_main():
+        del trainer, model, ref_model
+        return
+    atomic_write_bytes(run.step(index) / "ranks.json", json.dumps(shares, indent=1).encode())
     atomic_write_bytes(retention_path, _safetensors_bytes({"start": g_start, "adapter": g_adapter}))
 
     with atomic_dir(run.adapter_dir(index)) as tmp:
-        trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        trainer.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
     del trainer, model, ref_model
-    mark("merge", adapter_files=file_hashes(run.adapter_dir(index)))
+    mark("merge", adapter_files=file_hashes(run.adapter_dir(index)),
+         processes=distributed.batch_report(cfg, shares, len(pairs.rows)))
     shutil.rmtree(trainer_dir, ignore_errors=True)  # checkpoints are not needed once A_t is saved
 
 

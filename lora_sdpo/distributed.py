@@ -1,0 +1,391 @@
+"""Several processes through accelerate: launching, the global batch, who does what, and proof.
+
+`lora-sdpo run RECIPE --num-processes N` re-runs the same command under `accelerate launch`
+(torch's elastic launcher underneath), so it is the same as what a user types by hand:
+
+    accelerate launch --multi_gpu --num_processes N -m lora_sdpo run RECIPE ...
+
+(`--multi_gpu` selects accelerate's torchrun launcher; on a CPU machine it starts N CPU processes
+that talk over gloo. `accelerate launch --cpu --num_processes N` starts only one process.)
+
+Inside each process:
+  - `init` joins the process group (gloo on CPUs, nccl on GPUs) with the recipe's timeout before
+    transformers does, and refuses to go on when this process cannot see the others: the trap
+    where a launcher starts N processes that each train alone on all the data.
+  - every process loads the NF4 model and trains under DDP (or FSDP); TRL splits the reference
+    pass across the processes and gathers it into one cache; the per-process batch and
+    accumulation are chosen so that per-device x accumulation x N is the recipe's global batch.
+  - the main process alone writes the run directory: manifest, merge, retention, gamma matrix,
+    report; the others wait at a barrier and then load M_t for the next step.
+  - a process that fails ends itself; the launcher then stops the others (torch elastic), and a
+    process stuck waiting for a dead peer gives up after `distributed.timeout_minutes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .errors import RecipeError, RunError
+
+ERROR_DIR_ENV = "LORA_SDPO_ERROR_DIR"  # where each process leaves its error message for the launcher
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place, from the launcher's environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+    return World(
+        rank=int(os.environ.get("RANK", 0)),
+        size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def is_main() -> bool:
+    return world().main
+
+
+# ---------------------------------------------------------------------------------------------
+# The global batch
+
+
+def split_batch(per_device: int, accumulation: int, processes: int) -> tuple[int, int]:
+    """(per-process batch, accumulation) with batch x accumulation x N = the recipe's global batch.
+
+    The recipe's per_device_train_batch_size x gradient_accumulation_steps is the global batch of
+    one optimizer step, as a single process runs it. With N processes the per-process batch stays
+    as large as the recipe's (memory) and is cut only as far as needed.
+    """
+    total = per_device * accumulation
+    if total % processes:
+        raise RecipeError(
+            f"training.per_device_train_batch_size x training.gradient_accumulation_steps = {per_device} x "
+            f"{accumulation} = {total} (the global batch) is not divisible by {processes} processes; "
+            f"make the global batch a multiple of {processes} or use another --num-processes"
+        )
+    share = total // processes
+    batch = max(b for b in range(1, min(per_device, share) + 1) if share % b == 0)
+    return batch, share // batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching
+
+
+def launch_command(argv: list[str], processes: int, port: int | None = None) -> list[str]:
+    """The `accelerate launch` command that runs `lora_sdpo` with `argv` in N processes."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port or _free_port()),
+        "-m", "lora_sdpo", *argv,
+    ]  # fmt: skip
+
+
+def launch(argv: list[str], processes: int, echo=print) -> int:
+    """Run `lora_sdpo argv` in N processes through accelerate; return the exit status to use.
+
+    The processes' own output goes to the terminal. When one fails, the launcher stops the others;
+    then one line names the process that failed first and its message (each process leaves it in
+    a folder passed in the environment), after the launcher's own summary.
+    """
+    with tempfile.TemporaryDirectory(prefix="lora-sdpo-errors-") as errors:
+        env = {**os.environ, ERROR_DIR_ENV: errors}
+        code = subprocess.run(launch_command(argv, processes), env=env).returncode
+        if code == 0:
+            return 0
+        messages = sorted(Path(errors).glob("rank-*.json"))
+        if not messages:
+            echo(f"error: the run stopped: one of its {processes} processes ended without a message (killed?); "
+                 "accelerate's summary above names it. Run the same command again to resume.")
+            return 1
+        # The first failure is the cause; the others are mostly peers losing their connection to it.
+        first = min((json.loads(f.read_text()) for f in messages), key=lambda m: m["time"])
+        echo(f"error: process {first['rank']} of {processes} failed first: {first['message']}")
+        return first["status"]
+
+
+def record_error(message: str, status: int) -> None:
+    """Leave this process's error for the launching `lora-sdpo run --num-processes` (a no-op otherwise)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    w = world()
+    if folder and w.active:
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank-{w.rank}.json").write_text(
+                json.dumps({"rank": w.rank, "size": w.size, "message": message, "status": status, "time": time.time()})
+            )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside the processes
+
+
+def check(recipe, processes: int) -> None:
+    """What must hold for a run in N processes, checked before any of them starts."""
+    import torch
+
+    t = recipe.recipe.training
+    split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
+    check_strategy(recipe.recipe.distributed, torch.cuda.is_available())
+
+
+def start(recipe, processes: int | None) -> World:
+    """In each launched process (or the only one): check, then join the others."""
+    w = world()
+    if not w.active:
+        return w
+    if processes not in (None, w.size):
+        raise RunError(f"--num-processes {processes}: this process is one of {w.size} started by a launcher; "
+                       "drop the option under accelerate launch")
+    check(recipe, w.size)
+    return init(recipe.recipe.distributed.timeout_minutes)
+
+
+def init(timeout_minutes: float) -> World:
+    """Join the process group (before transformers does, so that the recipe's timeout applies).
+
+    Refuses to go on unless accelerate sees the same number of processes as the launcher started.
+    """
+    w = world()
+    if not w.active:
+        return w
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(w.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+    state = PartialState(cpu=not cuda)
+    if state.num_processes != w.size or state.process_index != w.rank:
+        raise RunError(
+            f"the launcher started {w.size} processes but accelerate sees {state.num_processes} "
+            f"(this is process {state.process_index}): each would train alone on all the data. "
+            "Launch with `lora-sdpo run --num-processes N` or `accelerate launch --multi_gpu --num_processes N -m lora_sdpo run ...`"
+        )
+    if not w.main:
+        os.environ["TQDM_DISABLE"] = "1"  # TRL's and datasets' progress bars: the main process shows them
+    return w
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """The main process does the body first (writes files, fills caches); the others follow."""
+    w = world()
+    if not w.main:
+        barrier()
+    yield
+    if w.main:
+        barrier()
+
+
+def broadcast(obj):
+    """The main process's obj, in every process (obj itself without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(obj) -> list:
+    """obj from every process, in rank order (a list of one without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Proof that the work was shared
+
+
+class BatchLedger(TrainerCallback):
+    """What this process trained on: micro-batches and the pairs in them, per optimizer step.
+
+    A forward pre-hook on the policy counts the pairs of every training forward (TRL puts the
+    chosen rows first, then the rejected ones) and fingerprints each chosen sequence, so that a
+    test can check that the processes saw disjoint halves whose union per optimizer step is the
+    single-process global batch.
+    """
+
+    def __init__(self):
+        self.steps: dict[int, list[str]] = {}
+        self.micro_batches = 0
+        self._handle = None
+        self._step = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step = state.global_step + 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _record(self, module, args, kwargs):
+        if not module.training:
+            return
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        pairs = ids.shape[0] // 2
+        self.micro_batches += 1
+        self.steps.setdefault(self._step, []).extend(
+            hashlib.sha1(ids[i][mask[i].bool()].cpu().numpy().tobytes()).hexdigest()[:12] for i in range(pairs)
+        )
+
+    def summary(self, rank: int) -> dict:
+        return {
+            "rank": rank,
+            "micro_batches": self.micro_batches,
+            "pairs": sum(len(v) for v in self.steps.values()),
+            "optimizer_steps": len(self.steps),
+            "steps": {str(k): v for k, v in sorted(self.steps.items())},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuring the trainer
+
+
+def trainer_args(cfg) -> dict:
+    """transformers TrainingArguments for the recipe's [distributed] strategy (none for one process)."""
+    w = world()
+    if not w.active:
+        return {}
+    args = {
+        # every LoRA weight takes part in every forward; searching for unused ones costs a graph
+        # walk a step and breaks with gradient checkpointing
+        "ddp_find_unused_parameters": False,
+        "ddp_timeout": int(cfg.timeout_minutes * 60),
+    }
+    if cfg.strategy == "fsdp":
+        # FSDP2 (transformers' default), one unit per decoder layer; transformers wraps the LoRA
+        # layers apart and sets FSDP's mixed precision to the 4-bit storage dtype for a PEFT model
+        # (update_fsdp_plugin_peft). Untested here: accelerate runs FSDP only on accelerators.
+        args["fsdp"] = True
+        args["fsdp_config"] = {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": True,
+            "cpu_offload": cfg.fsdp_cpu_offload,
+            "state_dict_type": "FULL_STATE_DICT",
+        }
+    return args
+
+
+def quant_storage(cfg, adapter) -> str | None:
+    """bnb's 4-bit storage dtype: the compute dtype under FSDP (it shards floats only, all of one
+    dtype per unit), else bnb's default uint8. The NF4 numbers are the same either way."""
+    if world().active and cfg.strategy == "fsdp" and adapter.quantization == "nf4":
+        return adapter.compute_dtype
+    return None
+
+
+def check_strategy(cfg, cuda: bool) -> None:
+    """Refuse what accelerate would silently change: FSDP on CPU processes (it runs DDP instead)."""
+    if cfg.strategy == "fsdp" and not cuda:
+        raise RecipeError(
+            "distributed.strategy = \"fsdp\": accelerate runs FSDP only on GPUs (on CPU processes it would "
+            "silently train with DDP); use strategy = \"ddp\" here"
+        )
+
+
+def check_trainer(trainer, cfg) -> None:
+    """The trainer really is distributed as asked (a launcher misconfiguration would otherwise train
+    N independent copies, or DDP instead of FSDP, without a word)."""
+    w = world()
+    if not w.active:
+        return
+    seen = trainer.accelerator.num_processes
+    if seen != w.size:
+        raise RunError(f"the trainer sees {seen} process(es) of the {w.size} launched; each would train alone")
+    if cfg.strategy == "fsdp" and not trainer.is_fsdp_enabled:
+        raise RunError("distributed.strategy = \"fsdp\" but accelerate did not enable FSDP (it runs FSDP on GPUs only)")
+
+
+def adapter_state_dict(trainer):
+    """The adapter's full state dict where the weights are sharded (FSDP: a collective, every process
+    calls it); None under DDP or one process, where the main process's model holds it whole."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
+def batch_report(recipe, shares: list[dict], rows: int) -> dict:
+    """The manifest's record of how the step's batches were shared among the processes.
+
+    `repeated_pairs`: when D_t's pairs do not fill the last global batch of an epoch, accelerate
+    fills every process's last batch with pairs from the start of the epoch (even_batches: a
+    process cannot skip an optimizer step the others take), where one process takes a smaller
+    last step. That is the only way N processes train differently from one.
+    """
+    t = recipe.training
+    n = len(shares)
+    batch, accumulation = split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, n)
+    return {
+        "count": n,
+        "strategy": recipe.distributed.strategy if n > 1 else "single",
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accumulation,
+        "global_batch": batch * accumulation * n,
+        "pairs": [s["pairs"] for s in shares],
+        "micro_batches": [s["micro_batches"] for s in shares],
+        "repeated_pairs": max(0, sum(s["pairs"] for s in shares) - round(rows * t.num_train_epochs)),
+    }
