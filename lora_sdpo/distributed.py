@@ -118,6 +118,9 @@ def launch(argv: list[str], processes: int, echo=print) -> int:
     """
     with tempfile.TemporaryDirectory(prefix="lora-sdpo-errors-") as errors:
         env = {**os.environ, ERROR_DIR_ENV: errors}
+        if "OMP_NUM_THREADS" not in env and not _has_gpu():
+            # torchrun gives each process 1 thread; on CPUs share the cores instead
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
         code = subprocess.run(launch_command(argv, processes), env=env).returncode
         if code == 0:
             return 0
@@ -141,6 +144,12 @@ def record_error(message: str, status: int) -> None:
             Path(folder, f"rank-{w.rank}.json").write_text(
                 json.dumps({"rank": w.rank, "size": w.size, "message": message, "status": status, "time": time.time()})
             )
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _free_port() -> int:

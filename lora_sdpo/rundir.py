@@ -7,6 +7,7 @@
       step-N/adapter/    PEFT adapter (safetensors)
       step-N/model/      M_N shards + index (float32: the chain's full-precision truth)
       step-N/metrics.jsonl
+      step-N/ranks.json  per process: the pairs it trained on, per optimizer step (fingerprints)
 """
 
 from __future__ import annotations
