@@ -124,26 +124,36 @@ def launch(argv: list[str], processes: int, echo=print) -> int:
         code = subprocess.run(launch_command(argv, processes), env=env).returncode
         if code == 0:
             return 0
-        messages = sorted(Path(errors).glob("rank-*.json"))
-        if not messages:
-            echo(f"error: the run stopped: one of its {processes} processes ended without a message (killed?); "
-                 "accelerate's summary above names it. Run the same command again to resume.")
+        folder = Path(errors)
+        messages = [json.loads(f.read_text()) for f in folder.glob("rank-*.error")]
+        # A process that started and neither finished nor left a message was killed (a signal, the
+        # OOM killer); the others' errors are then mostly their lost connection to it.
+        silent = sorted(int(f.stem.split("-")[1]) for f in folder.glob("rank-*.started")
+                        if not (folder / f"{f.stem}.error").exists() and not (folder / f"{f.stem}.finished").exists())
+        if silent or not messages:
+            who = (f"process{'es' if len(silent) > 1 else ''} {', '.join(map(str, silent))} of {processes}" if silent
+                   else f"one of its {processes} processes")
+            echo(f"error: the run stopped: {who} ended without a message (killed, or stopped by the launcher when "
+                 "another one ended); accelerate's summary above names the first (Root Cause) and its exit code. "
+                 "Run the same command again to resume.")
             return 1
-        # The first failure is the cause; the others are mostly peers losing their connection to it.
-        first = min((json.loads(f.read_text()) for f in messages), key=lambda m: m["time"])
+        first = min(messages, key=lambda m: m["time"])  # the others mostly lost their connection to it
         echo(f"error: process {first['rank']} of {processes} failed first: {first['message']}")
         return first["status"]
 
 
 def record_error(message: str, status: int) -> None:
     """Leave this process's error for the launching `lora-sdpo run --num-processes` (a no-op otherwise)."""
+    _record("error", {"message": message, "status": status, "time": time.time()})
+
+
+def _record(kind: str, content: dict | None = None) -> None:
+    """rank-R.started / .finished / .error in the launcher's folder: how each process ended."""
     folder = os.environ.get(ERROR_DIR_ENV)
     w = world()
     if folder and w.active:
         with contextlib.suppress(OSError):
-            Path(folder, f"rank-{w.rank}.json").write_text(
-                json.dumps({"rank": w.rank, "size": w.size, "message": message, "status": status, "time": time.time()})
-            )
+            Path(folder, f"rank-{w.rank}.{kind}").write_text(json.dumps({"rank": w.rank, **(content or {})}))
 
 
 def _has_gpu() -> bool:
@@ -209,6 +219,7 @@ def init(timeout_minutes: float) -> World:
         )
     if not w.main:
         os.environ["TQDM_DISABLE"] = "1"  # TRL's and datasets' progress bars: the main process shows them
+    _record("started")
     return w
 
 
@@ -253,10 +264,12 @@ def gather_object(obj) -> list:
 
 
 def shutdown() -> None:
+    """The end of a successful run in this process."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _record("finished")
 
 
 # ---------------------------------------------------------------------------------------------
