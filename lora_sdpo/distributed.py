@@ -282,7 +282,8 @@ class BatchLedger(TrainerCallback):
     A forward pre-hook on the policy counts the pairs of every training forward (TRL puts the
     chosen rows first, then the rejected ones) and fingerprints each chosen sequence, so that a
     test can check that the processes saw disjoint halves whose union per optimizer step is the
-    single-process global batch.
+    single-process global batch. A step resumed from a trainer checkpoint records the optimizer
+    steps trained after it only.
     """
 
     def __init__(self):
