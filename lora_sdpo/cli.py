@@ -165,6 +165,60 @@ def gamma(model_path, adapter, data_specs, against, limit, max_length, quantizat
             click.echo(f"  warning: {e['warning']}")
 
 
+@main.command("eval")
+@click.argument("model_or_run")
+@click.option("--tasks", default="h4", show_default=True,
+              help="Comma-separated lm-eval task names, NAME:SHOTS, or h4 (ARC 25-shot, HellaSwag 10, MMLU 5, TruthfulQA mc2 0).")
+@click.option("--include", "include", multiple=True, type=click.Path(file_okay=False),
+              help="A folder of lm-eval task YAMLs to add (lm-eval's include path); repeatable.")
+@click.option("--limit", type=int, help="Only the first N examples of each task (a smoke test, not a score).")
+@click.option("--steps", default="all", show_default=True, help="For a run: all (S and every kept M_t), or numbers such as 0,2 (0 is S).")
+@click.option("--batch-size", default="auto", show_default=True, help="lm-eval batch size: a number, or auto (8 on a CPU).")
+@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT LoRA adapter folder to apply on top of MODEL.")
+@click.option("--precision", type=click.Choice(["bf16", "nf4", "fp32"]), default="bf16", show_default=True,
+              help="Weights as evaluated: bf16 (the leaderboard's), nf4 (4-bit, quantised from float32 as in training) or fp32.")
+@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="dtype of the matmuls of an nf4 model (float32 is faster on CPUs).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write the results as JSON to this file.")
+def eval_(model_or_run, tasks, include, limit, steps, batch_size, adapter, precision, compute_dtype, output):
+    """Score MODEL_OR_RUN with lm-evaluation-harness (a model folder, Hub id, or run directory: S and every M_t).
+
+    For a run, the scores go into its manifest (key `eval`) and report.md.
+    """
+    from .harness import require_lm_eval
+
+    require_lm_eval()
+    _quiet_libraries()
+    from rich.console import Console
+    from rich.table import Table
+
+    from .harness import evaluate, results_table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    doc = evaluate(model_or_run, tasks, include=list(include), limit=limit, steps=steps, batch_size=batch_size,
+                   adapter=adapter, precision=precision, compute_dtype=compute_dtype,
+                   log=lambda m: console.print(m, soft_wrap=True, markup=False))
+    header, rows, notes = results_table(doc["models"])
+    console.print(f"lm-evaluation-harness {doc['lm_eval']}: scores x 100 ± standard error", markup=False)
+    table = Table()
+    for h in header:
+        table.add_column(h, justify="left" if h == "model" else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for n in notes:
+        console.print(n, soft_wrap=True, markup=False)
+    if output:
+        import json as _json
+
+        from .rundir import atomic_write_text
+
+        atomic_write_text(Path(output), _json.dumps(doc, indent=2) + "\n")
+        console.print(f"wrote {output}", markup=False)
+    if "report" in doc:
+        console.print(f"scores stored in {Path(model_or_run) / 'manifest.json'} (key eval) and {doc['report']}", markup=False)
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")

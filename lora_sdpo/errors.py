@@ -24,3 +24,7 @@ class MergeError(UserError):
 
 class RunError(UserError):
     """A run directory that cannot be used as asked."""
+
+
+class EvalError(UserError):
+    """An evaluation that cannot be run as asked (a task, model or option)."""

@@ -140,6 +140,25 @@ def _save_fig(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def eval_section(manifest: dict) -> list[str]:
+    """The paper's Table 2 for this run: H4 and each task per model, from `lora-sdpo eval`."""
+    models = (manifest.get("eval") or {}).get("models") or {}
+    if not models:
+        return []
+    from .harness import results_table
+
+    header, rows, notes = results_table(models)
+    settings = sorted({f"{r.get('precision')}, lm-eval {r.get('lm_eval')}" for r in models.values()})
+    h4 = ("H4 is the mean of ARC, HellaSwag, MMLU and TruthfulQA as the Open LLM Leaderboard v1 scored them "
+          "(Kim et al. 2024, Table 2). ") if "H4" in header else ""
+    return [
+        "\n## Benchmarks (lm-evaluation-harness)\n",
+        _md_table(header, rows),
+        f"\nScores x 100 ± standard error. {h4}Weights as evaluated: {'; '.join(settings)}.\n",
+        *[f"- {n}" for n in notes],
+    ]
+
+
 def build_report(root: Path) -> Path:
     run = RunDir(Path(root))
     manifest = run.read_manifest()
@@ -172,6 +191,7 @@ def build_report(root: Path) -> Path:
         ]
         if heat:
             parts.append("![gamma matrix](gamma_matrix.png)\n")
+    parts += eval_section(manifest)
     if curves:
         parts += ["\n## Training curves\n", "![curves](curves.png)\n"]
     path = run.root / "report.md"
