@@ -98,8 +98,8 @@ def model_target(location: str, adapter: str | None) -> Target:
     return Target(p.name if p.exists() else location, folder, Path(adapter) if adapter else None, location)
 
 
-def run_targets(root: str, steps: str) -> tuple[dict, list[Target]]:
-    """(manifest, [S, M_1, ...]) of a run directory; `steps` is `all` or indices, 0 meaning S."""
+def run_targets(root: str, steps: str) -> tuple[list[Target], list[str]]:
+    """([S, M_1, ...], [pruned models left out]) of a run directory; `steps` is `all` or indices, 0 meaning S."""
     from .rundir import RunDir
 
     run = RunDir(Path(root))
@@ -112,7 +112,7 @@ def run_targets(root: str, steps: str) -> tuple[dict, list[Target]]:
             wanted, explicit = [int(x) for x in steps.split(",") if x.strip()], True
         except ValueError:
             raise EvalError(f"--steps {steps}: write all, or step numbers such as 0,2 (0 is the base S)") from None
-    targets = []
+    targets, pruned = [], []
     for i in wanted:
         if i == 0:
             targets.append(Target("S", base_dir(run, manifest), shown=str(manifest.get("base_model"))))
@@ -123,13 +123,14 @@ def run_targets(root: str, steps: str) -> tuple[dict, list[Target]]:
         model = run.model_dir(i)
         if not done[i].get("model") or not model.is_dir():
             if explicit:
-                raise EvalError(f"{model}: M_{i} was pruned (run.keep_models = \"last\"); rebuild it from S and the adapters "
-                                f"of steps 1..{i} with `lora-sdpo merge`, and evaluate that folder")
+                raise EvalError(f"{model}: M_{i} was pruned (run.keep_models = \"last\"); rebuild it by merging the adapters "
+                                f"of steps {'1' if i == 1 else f'1..{i}'} into S in turn (`lora-sdpo merge`), and evaluate that folder")
+            pruned.append(f"M_{i}")
             continue
         targets.append(Target(f"M_{i}", model, shown=run.rel(model)))
     if not targets:
         raise EvalError(f"{root}: nothing to evaluate (no finished step keeps its model, and S was not asked for)")
-    return manifest, targets
+    return targets, pruned
 
 
 def base_dir(run, manifest: dict) -> Path:
@@ -365,11 +366,13 @@ def evaluate(location: str, tasks_spec: str, *, include: list[str], limit: int |
     if run:
         if adapter:
             raise EvalError("--adapter applies to a model, not to a run directory (a run's M_t already include their adapters)")
-        manifest, targets = run_targets(location, steps)
+        targets, pruned = run_targets(location, steps)
+        if pruned:
+            log(f"not evaluated: {', '.join(pruned)} (pruned by run.keep_models = \"last\")")
     else:
         if steps != "all":
             raise EvalError(f"--steps applies to a run directory; {location} has no manifest.json")
-        manifest, targets = None, [model_target(location, adapter)]
+        targets = [model_target(location, adapter)]
     tm = task_manager(tasks, include)
     task_objects = load_tasks(tm, tasks)
     doc = {
@@ -411,7 +414,15 @@ def store_in_manifest(root: Path, label: str, record: dict) -> None:
         record = {**record, "scores": {**old.get("scores", {}), **record["scores"]}}
         record["h4"] = h4_score(record["scores"])
     models[label] = record
+    manifest["eval"]["models"] = dict(sorted(models.items(), key=lambda kv: _model_order(kv[0])))
     run.write_manifest(manifest)
+
+
+def _model_order(label: str) -> tuple[int, int]:
+    """S, M_1, M_2, ... in the paper's order, whatever order they were evaluated in."""
+    if label == "S":
+        return (0, 0)
+    return (1, int(label[2:])) if label.startswith("M_") and label[2:].isdigit() else (2, 0)
 
 
 # ---------------------------------------------------------------- tables
