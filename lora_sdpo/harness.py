@@ -16,6 +16,7 @@ stored scores without it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -180,18 +181,16 @@ def require_lm_eval():
 def task_manager(tasks: list[HarnessTask], include: list[str]):
     """lm-eval's TaskManager over the include folders (and its own tasks unless all are local); checks names."""
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
     for d in include:
         if not Path(d).is_dir():
             raise EvalError(f"--include {d}: no such folder (give a folder of lm-eval task YAMLs)")
     names = [t.name for t in tasks]
     # Indexing lm-eval's own ~10k task files takes seconds; skip it when the include folders have every task.
     if include:
-        local = TaskManager(include_path=include, include_defaults=False)
+        local = _indexed(tuple(include), False)
         if all(n in local.all_tasks for n in names):
             return local
-    tm = TaskManager(include_path=include or None)
+    tm = _indexed(tuple(include), True)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         import difflib
@@ -203,6 +202,14 @@ def task_manager(tasks: list[HarnessTask], include: list[str]):
         raise EvalError(f"--tasks: unknown lm-eval task {'; '.join(hints)}. Local task YAMLs need --include DIR; "
                         "`lm-eval ls tasks` lists the harness's own")
     return tm
+
+
+@functools.cache
+def _indexed(include: tuple[str, ...], defaults: bool):
+    """lm-eval's TaskManager; built once per process (its index only reads the task YAMLs)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None, include_defaults=defaults)
 
 
 def load_tasks(tm, tasks: list[HarnessTask]) -> list:
