@@ -217,14 +217,17 @@ def load_tasks(tm, tasks: list[HarnessTask]) -> list:
     import logging
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    objects = []
+    objects, owner = [], {}
     for spec in tasks:
         try:
             loaded = tm.load([spec.name])
         except Exception as e:  # a dataset that is not cached offline, a broken YAML: the harness's own message
             raise EvalError(f"task {spec.name}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
                             "Offline (HF_DATASETS_OFFLINE=1) only tasks with cached or local data work") from None
-        for task in loaded["tasks"].values():
+        for name, task in loaded["tasks"].items():
+            if name in owner:  # lm-eval refuses a task that two requested names contain
+                raise EvalError(f"--tasks: {owner[name]} and {spec.name} both contain the task {name}; name it once")
+            owner[name] = spec.name
             if spec.shots is not None:
                 task.set_config(key="num_fewshot", value=spec.shots)
         if spec.name in loaded.get("groups", {}):
@@ -276,7 +279,7 @@ def evaluate_target(target: Target, tasks: list[HarnessTask], task_objects: list
         "model": target.shown or str(target.path),
         "adapter": str(target.adapter) if target.adapter else None,
         "fingerprint": fingerprint(target),
-        "precision": precision if precision != "nf4" else f"nf4 ({compute_dtype} compute)",
+        "precision": precision if precision != "nf4" else f"nf4, {compute_dtype} compute",
         "lm_eval": results.get("lm_eval_version") or _version("lm_eval"),
         "batch_size": bs,
         "seconds": round(time.time() - start, 1),
@@ -444,6 +447,8 @@ def _cell(score: dict | None) -> str:
 
 def results_table(models: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, notes) like the paper's Table 2: H4 and each task per model, scores x 100 ± stderr."""
+    models = dict(sorted(models.items(), key=lambda kv: _model_order(kv[0])))
+    mixed = len({rec.get("precision") for rec in models.values()}) > 1
     names: list[str] = []
     labels: dict[str, str] = {}
     for rec in models.values():
@@ -457,7 +462,8 @@ def results_table(models: dict) -> tuple[list[str], list[list[str]], list[str]]:
     rows = []
     for label, rec in models.items():
         h4 = [f"{100 * rec['h4']:.2f}" if rec.get("h4") is not None else ""] if with_h4 else []
-        rows.append([label] + h4 + [_cell(rec.get("scores", {}).get(n)) for n in order])
+        shown = f"{label} ({rec.get('precision')})" if mixed else label
+        rows.append([shown] + h4 + [_cell(rec.get("scores", {}).get(n)) for n in order])
     notes = []
     for n in order:
         scored = [rec["scores"][n] for rec in models.values() if n in rec.get("scores", {})]

@@ -89,7 +89,7 @@ def test_eval_of_a_model_equals_per_choice_loglikelihoods(tmp_path):
     assert score["metrics"]["acc_norm,none"] == pytest.approx(expected["acc_norm"], abs=1e-9)
     p = expected["acc"]
     assert score["stderr"] == pytest.approx((p * (1 - p) / (len(QUESTIONS) - 1)) ** 0.5, rel=1e-6)
-    assert rec["precision"] == "nf4 (float32 compute)" and rec["fingerprint"].startswith("sha256:")
+    assert rec["precision"] == "nf4, float32 compute" and rec["fingerprint"].startswith("sha256:")
     assert doc["lm_eval"] == rec["lm_eval"] and doc["lm_eval"].count(".") == 2
     assert "science_mc" in proc.stdout and f"{100 * p:.2f}" in proc.stdout
 
@@ -149,6 +149,8 @@ def _invoke(*args):
     (["eval", str(MODEL), "--tasks", "arc_chalenge"], "unknown lm-eval task arc_chalenge (did you mean arc_challenge"),
     (["eval", str(MODEL), "--tasks", "science_mc", "--include", "/no/such/dir"], "--include /no/such/dir: no such folder"),
     (["eval", str(MODEL), "--tasks", "science_mc:five"], "NAME:SHOTS"),
+    (["eval", str(MODEL), "--tasks", "science_group,science_mc", "--include", str(TASKS)],
+     "science_group and science_mc both contain the task science_mc"),
     (["eval", str(MODEL), "--steps", "1"], "--steps applies to a run directory"),
 ])
 def test_bad_input_gets_one_message_and_exit_2(args, message):
