@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MODEL, cli, nf4
+from conftest import MODEL, nf4
 
 TASKS = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
 QUESTIONS = [json.loads(x) for x in (TASKS / "science_mc.jsonl").read_text().splitlines() if x.strip()]
@@ -45,6 +45,15 @@ def independent_scores(model, tok, docs=QUESTIONS) -> dict:
         norm = [lp / len(c) for lp, c in zip(lps, doc["choices"])]
         acc_norm += max(range(len(norm)), key=lambda i: norm[i]) == doc["answer"]
     return {"acc": acc / len(docs), "acc_norm": acc_norm / len(docs)}
+
+
+def _invoke(*args):
+    """`lora-sdpo ARGS` in this process (the imports are paid once)."""
+    from click.testing import CliRunner
+
+    from lora_sdpo.cli import main
+
+    return CliRunner().invoke(main, list(args))
 
 
 def fp32(path):
@@ -77,8 +86,9 @@ def test_h4_is_the_leaderboard_v1_setup_as_lm_eval_names_it():
 
 def test_eval_of_a_model_equals_per_choice_loglikelihoods(tmp_path):
     out = tmp_path / "results.json"
-    proc = cli("eval", str(MODEL), "--include", str(TASKS), "--tasks", "science_mc", "--precision", "nf4",
-               "--compute-dtype", "float32", "--output", str(out))
+    proc = _invoke("eval", str(MODEL), "--include", str(TASKS), "--tasks", "science_mc", "--precision", "nf4",
+                   "--compute-dtype", "float32", "--output", str(out))
+    assert proc.exit_code == 0, proc.output
     doc = json.loads(out.read_text())
     rec = doc["models"]["pico-llama-phi3"]
     score = rec["scores"]["science_mc"]
@@ -91,7 +101,7 @@ def test_eval_of_a_model_equals_per_choice_loglikelihoods(tmp_path):
     assert score["stderr"] == pytest.approx((p * (1 - p) / (len(QUESTIONS) - 1)) ** 0.5, rel=1e-6)
     assert rec["precision"] == "nf4, float32 compute" and rec["fingerprint"].startswith("sha256:")
     assert doc["lm_eval"] == rec["lm_eval"] and doc["lm_eval"].count(".") == 2
-    assert "science_mc" in proc.stdout and f"{100 * p:.2f}" in proc.stdout
+    assert "science_mc" in proc.output and f"{100 * p:.2f}" in proc.output
 
 
 def test_eval_of_a_run_scores_s_and_every_m_t_into_manifest_and_report(two_step_run):
@@ -134,14 +144,6 @@ def test_a_group_scored_as_the_unweighted_mean_of_its_tasks():
     assert s["value"] == pytest.approx((full + first5) / 2, abs=1e-9)
     assert s["harness_value"] == pytest.approx((20 * full + 5 * first5) / 25, abs=1e-9)
     assert s["samples"] == 25 and s["aggregate"] == "unweighted mean of 2 tasks"
-
-
-def _invoke(*args):
-    from click.testing import CliRunner
-
-    from lora_sdpo.cli import main
-
-    return CliRunner().invoke(main, list(args))
 
 
 @pytest.mark.parametrize("args, message", [
