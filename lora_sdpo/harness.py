@@ -156,14 +156,31 @@ def base_dir(run, manifest: dict) -> Path:
 
 def fingerprint(target: Target) -> str:
     """sha256 over the config and every weight file (names and contents) of the model and adapter."""
-    h = hashlib.sha256()
+    digests = []
     for folder, patterns in ((target.path, ("config.json", "*.safetensors")),
                              (target.adapter, ("adapter_config.json", "*.safetensors"))):
         if folder is None:
             continue
-        for f in sorted({f for pat in patterns for f in Path(folder).glob(pat)}):
-            with open(f, "rb") as fh:
-                h.update(f"{f.name}\0{hashlib.file_digest(fh, 'sha256').hexdigest()}\n".encode())
+        files = sorted({f for pat in patterns for f in Path(folder).glob(pat)})
+        digests.append({f.name: _sha256(f) for f in files})
+    return _combine(digests)
+
+
+def fingerprint_from_manifest(model_files: dict[str, str]) -> str:
+    """The same fingerprint of a run's M_t from the file hashes its manifest records (nothing is read)."""
+    return _combine([{n: d for n, d in model_files.items() if "/" not in n and (n == "config.json" or n.endswith(".safetensors"))}])
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _combine(digests: list[dict[str, str]]) -> str:
+    h = hashlib.sha256()
+    for files in digests:
+        for name in sorted(files):
+            h.update(f"{name}\0{files[name]}\n".encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -445,8 +462,11 @@ def _cell(score: dict | None) -> str:
     return f"{100 * score['value']:.2f}{se}"
 
 
-def results_table(models: dict) -> tuple[list[str], list[list[str]], list[str]]:
-    """(header, rows, notes) like the paper's Table 2: H4 and each task per model, scores x 100 ± stderr."""
+def results_table(models: dict, stale: set[str] = frozenset()) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, notes) like the paper's Table 2: H4 and each task per model, scores x 100 ± stderr.
+
+    `stale`: models whose weights changed after they were evaluated (their scores are marked).
+    """
     models = dict(sorted(models.items(), key=lambda kv: _model_order(kv[0])))
     mixed = len({rec.get("precision") for rec in models.values()}) > 1
     names: list[str] = []
@@ -463,6 +483,7 @@ def results_table(models: dict) -> tuple[list[str], list[list[str]], list[str]]:
     for label, rec in models.items():
         h4 = [f"{100 * rec['h4']:.2f}" if rec.get("h4") is not None else ""] if with_h4 else []
         shown = f"{label} ({rec.get('precision')})" if mixed else label
+        shown += " (stale: its weights changed since; evaluate again)" if label in stale else ""
         rows.append([shown] + h4 + [_cell(rec.get("scores", {}).get(n)) for n in order])
     notes = []
     for n in order:

@@ -145,9 +145,12 @@ def eval_section(manifest: dict) -> list[str]:
     models = (manifest.get("eval") or {}).get("models") or {}
     if not models:
         return []
-    from .harness import results_table
+    from .harness import fingerprint_from_manifest, results_table
 
-    header, rows, notes = results_table(models)
+    # A step redone after its evaluation (a damaged step is redone on resume) has new weights.
+    stale = {f"M_{s['index']}" for s in manifest["steps"] if f"M_{s['index']}" in models and s.get("model_files")
+             and fingerprint_from_manifest(s["model_files"]) != models[f"M_{s['index']}"].get("fingerprint")}
+    header, rows, notes = results_table(models, stale)
     settings = sorted({f"{r.get('precision')}, lm-eval {r.get('lm_eval')}" for r in models.values()})
     h4 = ("H4 is the mean of ARC, HellaSwag, MMLU and TruthfulQA as the Open LLM Leaderboard v1 scored them "
           "(Kim et al. 2024, Table 2). ") if "H4" in header else ""

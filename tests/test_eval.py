@@ -128,6 +128,19 @@ def test_eval_of_a_run_scores_s_and_every_m_t_into_manifest_and_report(two_step_
         assert any(line.startswith(f"| {label} | {100 * models[label]['scores']['science_mc']['value']:.2f} ± ") for line in table)
     assert "science_mc: `science_mc` (acc, 0-shot, only 12 of 20 examples (--limit))" in report
     assert "science_mc_first5: `science_mc_first5` (acc, 1-shot)" in report  # 5 examples: the limit cut none
+    assert "stale" not in report
+    # The fingerprint of a run's M_t can be recomputed from the file hashes its manifest records;
+    # a step whose weights changed after its evaluation is marked in the report.
+    from lora_sdpo.report import build_report
+
+    step2 = manifest["steps"][1]
+    step2["model_files"] = {**step2["model_files"], "model.safetensors": "0" * 64}
+    (two_step_run / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        assert "| M_2 (stale: its weights changed since; evaluate again) |" in build_report(two_step_run).read_text()
+    finally:
+        (two_step_run / "manifest.json").write_text(json.dumps(before | {"eval": manifest["eval"]}))
+        build_report(two_step_run)
 
 
 def test_a_group_scored_as_the_unweighted_mean_of_its_tasks():
