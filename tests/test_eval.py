@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MODEL, nf4
+from conftest import CLI_OUTPUTS, FAKE_TOKEN, MODEL, nf4
 
 TASKS = Path(__file__).parent / "fixtures" / "lm_eval_tasks"
 QUESTIONS = [json.loads(x) for x in (TASKS / "science_mc.jsonl").read_text().splitlines() if x.strip()]
@@ -53,7 +53,9 @@ def _invoke(*args):
 
     from lora_sdpo.cli import main
 
-    return CliRunner().invoke(main, list(args))
+    res = CliRunner().invoke(main, list(args), env={"HF_TOKEN": FAKE_TOKEN, "TQDM_DISABLE": "1"})
+    CLI_OUTPUTS.append(res.output)  # test_secrets: the token reaches no output
+    return res
 
 
 def fp32(path):
