@@ -142,6 +142,9 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
         data_seed=recipe.recipe.run.seed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        # Grouping reads a "length" column (added by run_step); TRL would drop it as unused.
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        remove_unused_columns=not t.group_by_length,
         **distributed.trainer_args(recipe.recipe.distributed),
     )
 
@@ -418,6 +421,10 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
         ref_model._lora_sdpo_fused = True
     timings["reference"] = time.perf_counter() - t
     train_ds = trainer.train_dataset
+    if cfg.training.group_by_length:  # a pair's padded width in TRL's collator
+        trainer.train_dataset = train_ds.add_column(
+            "length", [len(p) + max(len(c), len(r)) for p, c, r in zip(train_ds["prompt_ids"], train_ds["chosen_ids"], train_ds["rejected_ids"])]
+        )
     if len(train_ds) != len(pairs.rows):
         raise DataError(f"step {index}: TRL kept {len(train_ds)} of {len(pairs.rows)} pairs; expected all")
     ref_chosen = torch.tensor(train_ds["ref_chosen_logps"], dtype=torch.float32)
