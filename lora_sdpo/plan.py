@@ -18,7 +18,7 @@ from .data import load_eval_pairs, load_step_pairs, token_lengths
 from .distributed import split_batch
 from .model import lora_parameter_count
 from .splits import apply_split, composition
-from .recipe import AdapterConfig, LoadedRecipe
+from .recipe import AdapterConfig, LoadedRecipe, TrainingConfig
 
 GIB = 2**30
 
@@ -63,47 +63,132 @@ def _stats(xs: list[int]) -> str:
     return f"mean {statistics.fmean(xs):.0f}, median {statistics.median(xs):.0f}, p95 {p95}, max {xs[-1]}"
 
 
-def memory_estimate(config: dict, adapter: AdapterConfig, recipe: LoadedRecipe, processes: int = 1) -> dict[str, float]:
-    """Peak GPU memory of one process in bytes by part: an estimate from the shapes, not a measurement.
+# Bytes per NF4 weight: 4 bits, plus one absmax per block of 64; with double quantisation the
+# absmax is an 8-bit code with one float32 scale per 256 blocks (bitsandbytes' layout).
+NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+# TRL's fused LM head projects [4096 tokens, 32768 vocabulary] tiles (trl.kernels.chunked_logprob).
+HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
+# Its CPU fallback (torch ops on the whole tile, no Triton) holds about this many fp32 copies of a
+# tile at once in the backward (bench/logprobs.py: 2357 MB at a 2048 x 32064 tile of 250 MB).
+CPU_HEAD_TILE_COPIES = 9.5
+CUDA_CONTEXT = 0.6 * GIB  # CUDA context and cuBLAS workspace, before any tensor
+ALLOCATOR_SLACK = 0.10  # the caching allocator's fragmentation, on the memory that comes and goes
+GPU_SIZES_GB = (24, 40, 80)
+USABLE = 0.95  # of a card's memory, for other processes and the allocator's reserve
 
-    With N processes each runs the per-process batch (see distributed.split_batch). Under ddp every
-    process holds the whole model; under fsdp the base weights and the LoRA states are split N
-    ways, plus one decoder layer gathered whole at a time (with CPU offload only that layer and
-    the LoRA weights in use stay on the GPU).
-    """
-    t = recipe.recipe.training
-    batch, _ = split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
-    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+
+def _shapes(config: dict) -> dict[str, int]:
+    h = config["hidden_size"]
     heads = config["num_attention_heads"]
     kv = config.get("num_key_value_heads") or heads
     hd = config.get("head_dim") or h // heads
-    vocab = config["vocab_size"]
-    linear = layers * (h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter)
-    embed = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
-    wbytes = 0.516 if adapter.quantization == "nf4" else (2 if adapter.compute_dtype == "bfloat16" else 4)
-    act_bytes = 2 if t.precision == "bf16" else 4
-    lora = lora_parameter_count(config, adapter)
-    tokens = batch * 2 * t.max_length  # chosen and rejected in one batch
-    if t.gradient_checkpointing:
-        # one saved hidden state per layer, plus one layer's activations being recomputed
-        acts = tokens * act_bytes * (layers * h + 10 * h + 4 * inter)
-    else:
-        acts = tokens * act_bytes * layers * (10 * h + 4 * inter)
-    base = linear * wbytes + embed * (2 if adapter.compute_dtype == "bfloat16" else 4)
-    lora_states = lora * (2 + 2 + 8)
-    d = recipe.recipe.distributed
-    if processes > 1 and d.strategy == "fsdp":
-        layer = linear / layers * wbytes  # one decoder layer gathered whole for its forward/backward
-        base = layer + (0 if d.fsdp_cpu_offload else base / processes)
-        lora_states = lora_states / layers if d.fsdp_cpu_offload else lora_states / processes
     return {
-        "base weights": base,
-        "LoRA weights, grads, AdamW states": lora_states,
-        "activations": acts,
-        # TRL's fused head projects in tiles: a few thousand positions x vocab in fp32 at most
-        "LM head tile": 2 * min(tokens, 4096) * vocab * 4 / 8,
-        "CUDA context and allocator slack": 0.8 * GIB,
+        "h": h,
+        "i": config["intermediate_size"],
+        "layers": config["num_hidden_layers"],
+        "q": heads * hd,
+        "kv": kv * hd,
+        "vocab": config["vocab_size"],
+        "tied": bool(config.get("tie_word_embeddings")),
     }
+
+
+def layer_activation_bytes(config: dict, adapter: AdapterConfig, act_bytes: int) -> float:
+    """Bytes autograd keeps per token for one decoder layer of a Llama/Mistral block under LoRA.
+
+    Kept for the backward: the q, k, v projections and their rotated q, k; the attention output
+    and the o_proj input; gate, up, SiLU(gate) and the down_proj input; each LoRA's r-wide
+    A output; and per RMSNorm a float32 copy of its input and of the normalised values (it
+    computes in float32) plus its output. Flash/memory-efficient attention keeps no seq x seq
+    matrix. Dropout is off (TRL's disable_dropout), so LoRA's dropout keeps nothing.
+    """
+    s = _shapes(config)
+    elements = 4 * s["q"] + 3 * s["kv"] + 4 * s["i"] + len(adapter.target_modules) * adapter.r + 2 * s["h"]
+    return act_bytes * elements + 2 * 2 * s["h"] * 4
+
+
+def memory_estimate(
+    config: dict,
+    adapter: AdapterConfig,
+    training: TrainingConfig,
+    device: str = "cuda",
+    gradient_checkpointing: bool | None = None,
+    processes: int = 1,
+    distributed=None,
+) -> dict[str, float]:
+    """Peak memory of a training step in bytes, by part: an estimate from the shapes, not a measurement.
+
+    The peak is the training step (the precomputed reference pass runs without gradients and
+    keeps no activations). `device="cpu"` swaps in what differs on a CPU (no CUDA context, TRL's
+    torch fallback for the LM head) so that the same formula can be checked against measured peaks
+    on machines without a GPU (BENCHMARKS.md). `gradient_checkpointing` overrides the recipe's.
+
+    With N processes each runs the per-process batch (see distributed.split_batch) and this is one
+    process's peak. Under ddp every process holds the whole model; under fsdp (`distributed`, the
+    recipe's section) the base weights and the LoRA states are split N ways, plus one decoder layer
+    gathered whole at a time (with CPU offload only that layer and the LoRA weights in use stay on
+    the GPU).
+    """
+    s = _shapes(config)
+    h, layers = s["h"], s["layers"]
+    gc = training.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    compute = 2 if adapter.compute_dtype == "bfloat16" else 4
+    act = 2 if training.precision == "bf16" else compute
+    linear = layers * (2 * h * s["q"] + 2 * h * s["kv"] + 3 * h * s["i"])
+    other = s["vocab"] * h * (1 if s["tied"] else 2) + (2 * layers + 1) * h  # embeddings, LM head, norms
+    per_weight = NF4_BYTES[adapter.double_quant] if adapter.quantization == "nf4" else compute
+    batch, _ = split_batch(training.per_device_train_batch_size, training.gradient_accumulation_steps, processes)
+    tokens = batch * 2 * training.max_length  # chosen and rejected, full length
+    per_layer = layer_activation_bytes(config, adapter, act)
+    # Outside the layers: embeddings' output, the final norm (float32 inside), the hidden states the head keeps.
+    outside = tokens * h * (3 * act + 2 * 4)
+    if gc:  # each layer's input is kept; one layer's activations exist again while it is recomputed
+        acts = tokens * (layers * h * act + per_layer) + outside
+    else:
+        acts = tokens * layers * per_layer + outside
+    tile = min(tokens, HEAD_TILE_TOKENS) * min(s["vocab"], HEAD_TILE_VOCAB)
+    head_tiles = tile * CPU_HEAD_TILE_COPIES * 4 if device == "cpu" else tile * compute
+    # bitsandbytes dequantises one 4-bit weight at a time for the matmul, and its transpose in the backward
+    largest = max(h * s["q"], h * s["i"])
+    base = linear * per_weight + other * compute
+    lora_states = lora_parameter_count(config, adapter) * (4 + 4 + 8)
+    if processes > 1 and distributed is not None and distributed.strategy == "fsdp":
+        layer = linear / layers * per_weight  # one decoder layer gathered whole for its forward/backward
+        base = layer + (0 if distributed.fsdp_cpu_offload else base / processes)
+        lora_states = lora_states / layers if distributed.fsdp_cpu_offload else lora_states / processes
+    parts = {
+        "base weights": base,
+        "LoRA weights, grads, AdamW states (fp32)": lora_states,
+        "activations" + (" (gradient checkpointing)" if gc else ""): acts,
+        # the head's tile, and its float32 gradient of the hidden states
+        "LM head tile": head_tiles + tokens * h * 4,
+        "dequantised weight": 2 * largest * compute if adapter.quantization == "nf4" else 0.0,
+    }
+    if device != "cpu":
+        parts["CUDA context, allocator slack"] = CUDA_CONTEXT + ALLOCATOR_SLACK * (acts + parts["LM head tile"])
+    return parts
+
+
+def fits(total: float) -> dict[int, bool]:
+    """Whether a peak of `total` bytes fits a card of each size (24, 40, 80 GB cards hold that many GiB)."""
+    return {g: total <= USABLE * g * GIB for g in GPU_SIZES_GB}
+
+
+def memory_lines(config: dict, adapter: AdapterConfig, training: TrainingConfig, processes: int = 1, distributed=None) -> list[str]:
+    """The plan's memory section: the estimate by part, the verdicts, and the other checkpointing choice."""
+    kw = {"processes": processes, "distributed": distributed}
+    parts = memory_estimate(config, adapter, training, **kw)
+    total = sum(parts.values())
+    other = sum(memory_estimate(config, adapter, training, gradient_checkpointing=not training.gradient_checkpointing, **kw).values())
+    verdict = "; ".join(f"{g} GB: {'fits' if ok else 'does not fit'}" for g, ok in fits(total).items())
+    batch, _ = split_batch(training.per_device_train_batch_size, training.gradient_accumulation_steps, processes)
+    who = "" if processes == 1 else f" per process ({processes} processes, {distributed.strategy if distributed else 'ddp'})"
+    return [
+        f"peak GPU memory estimate{who}: {total / GIB:.1f} GiB at batch {batch} x "
+        f"max_length {training.max_length} ({verdict})",
+        *(f"  {k}: {v / GIB:.2f} GiB" for k, v in parts.items()),
+        f"  with gradient_checkpointing = {str(not training.gradient_checkpointing).lower()}: {other / GIB:.1f} GiB",
+    ]
 
 
 def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
@@ -188,12 +273,8 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
     if config is not None and "hidden_size" in config:
         lora = lora_parameter_count(config, a)
         plan.add(f"LoRA parameters: {lora:,}")
-        parts = memory_estimate(config, a, recipe, processes)
-        total = sum(parts.values())
-        who = "" if processes == 1 else f" per process ({processes} processes, {cfg.distributed.strategy})"
-        plan.add(f"peak GPU memory estimate{who}: {total / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items()) + ")")
-        fits = [f"{g} GB: {'fits' if total < g * 1e9 * 0.95 else 'does not fit'}" for g in (24, 40, 80)]
-        plan.add("  " + "; ".join(fits))
+        for line in memory_lines(config, a, t, processes, cfg.distributed):
+            plan.add(line)
     for u in plan.unreachable:
         plan.add(f"NOT REACHABLE: {u}")
     return plan
