@@ -102,7 +102,8 @@ def main() -> None:
         gradient_accumulation_steps=1,
         max_length=256,
         optim="adamw_torch",
-        gradient_checkpointing=False,
+        gradient_checkpointing=False,  # TRL's DPOConfig defaults to True
+        bf16=False,  # TRL's DPOConfig defaults to True (autocast); the quickstart computes in float32
         logging_steps=1,
         save_strategy="no",
         report_to=[],

@@ -34,7 +34,7 @@ from lora_sdpo.recipe import load_recipe  # noqa: E402
 SETTINGS = [
     ("quickstart (64 pairs/step, batch 8, max_length 256)", []),
     (
-        "all shipped rows (283 Orca, 1000 UF), batch 8, max_length 256",
+        "all shipped rows, batch 8, max_length 256",
         ["steps.0.sources.0.limit=100000", "steps.1.sources.0.limit=100000"],
     ),
     (
