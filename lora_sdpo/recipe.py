@@ -137,9 +137,9 @@ class TrainingConfig(_Strict):
     precompute_ref_batch_size: Annotated[int, Field(gt=0)] | None = Field(None, description="Batch of the reference pass.")
     disable_dropout: bool = Field(True, description="Turn dropout off in policy and reference (TRL's default).")
     group_by_length: bool = Field(
-        True,
+        False,
         description="Batch pairs of similar length together (transformers' LengthGroupedSampler): a third less "
-        "padding at max_length 1024 on the shipped data (BENCHMARKS.md).",
+        "padding at max_length 1024 on the shipped data (BENCHMARKS.md); not yet resumable to the same result.",
     )
 
 

@@ -129,10 +129,9 @@ def test_schema_reference_names_every_field():
 def test_group_by_length_reaches_trl(tmp_path):
     from lora_sdpo.step import dpo_config
 
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.toml")
-    assert recipe.recipe.training.group_by_length  # the default: less padding (BENCHMARKS.md, padding)
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.toml", ["training.group_by_length=true"])
     args = dpo_config(recipe, tmp_path)
     # step.py adds the "length" column the sampler reads; TRL would drop it as unused otherwise
     assert args.train_sampling_strategy == "group_by_length" and not args.remove_unused_columns
-    args = dpo_config(load_recipe(ROOT / "recipes" / "quickstart.toml", ["training.group_by_length=false"]), tmp_path)
+    args = dpo_config(load_recipe(ROOT / "recipes" / "quickstart.toml"), tmp_path)  # the default: off
     assert args.train_sampling_strategy == "random" and args.remove_unused_columns
