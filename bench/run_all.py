@@ -2,8 +2,8 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/run_all.py [--only padding,logprobs,...]
 
-Meant to take under 10 minutes on an idle 2-core machine; not verified idle (the machine was
-shared throughout: a heavier version of this set took 37 minutes at load 7-10, BENCHMARKS.md). To fit,
+Takes under 10 minutes on an idle 2-core machine (207 s measured idle, BENCHMARKS.md; a heavier
+version of this set took 37 minutes at load 7-10 on the shared machine). To fit,
 it runs scaled-down versions of the scripts it calls (their defaults, used for BENCHMARKS.md, are
 larger):
 
