@@ -107,6 +107,23 @@ def layer_activation_bytes(config: dict, adapter: AdapterConfig, act_bytes: int)
     return act_bytes * elements + 2 * 2 * s["h"] * 4
 
 
+def lora_bytes_per_parameter(adapter, optim: str) -> int:
+    """Bytes per LoRA parameter: weight, gradient and the optimizer's two moments.
+
+    TRL trains a QLoRA adapter in bfloat16 (it casts the adapter after get_peft_model) and a LoRA on
+    an unquantised base in float32. bitsandbytes' 32-bit optimizers keep the moments in float32,
+    its 8-bit ones in one byte each; torch's AdamW keeps them in the parameter's dtype.
+    """
+    p = 2 if adapter.quantization == "nf4" else 4
+    if "8bit" in optim:
+        moments = 2
+    elif "32bit" in optim:
+        moments = 8
+    else:
+        moments = 2 * p
+    return 2 * p + moments
+
+
 def memory_estimate(
     config: dict,
     adapter: AdapterConfig,
@@ -151,14 +168,14 @@ def memory_estimate(
     # bitsandbytes dequantises one 4-bit weight at a time for the matmul, and its transpose in the backward
     largest = max(h * s["q"], h * s["i"])
     base = linear * per_weight + other * compute
-    lora_states = lora_parameter_count(config, adapter) * (4 + 4 + 8)
+    lora_states = lora_parameter_count(config, adapter) * lora_bytes_per_parameter(adapter, training.optim)
     if processes > 1 and distributed is not None and distributed.strategy == "fsdp":
         layer = linear / layers * per_weight  # one decoder layer gathered whole for its forward/backward
         base = layer + (0 if distributed.fsdp_cpu_offload else base / processes)
         lora_states = lora_states / layers if distributed.fsdp_cpu_offload else lora_states / processes
     parts = {
         "base weights": base,
-        "LoRA weights, grads, AdamW states (fp32)": lora_states,
+        "LoRA weights, grads, optimizer states": lora_states,
         "activations" + (" (gradient checkpointing)" if gc else ""): acts,
         # the head's tile, and its float32 gradient of the hidden states
         "LM head tile": head_tiles + tokens * h * 4,
