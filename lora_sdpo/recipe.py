@@ -139,7 +139,8 @@ class TrainingConfig(_Strict):
     group_by_length: bool = Field(
         False,
         description="Batch pairs of similar length together (transformers' LengthGroupedSampler): a third less "
-        "padding at max_length 1024 on the shipped data (BENCHMARKS.md); not yet resumable to the same result.",
+        "padding at max_length 1024 on the shipped data (BENCHMARKS.md); the order comes from the seed and the epoch, "
+        "so a resumed step sees the same batches.",
     )
 
 

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
 
 from . import distributed, faults
@@ -181,15 +182,41 @@ class CheckpointSeal(TrainerCallback):
         faults.point(f"train:{state.global_step}")
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped batches in an order that depends on (seed, epoch) only."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at every epoch
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
 class ResumableDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer, resumable to the same result.
 
-    TRL trains QLoRA adapters in bfloat16 (it casts them after get_peft_model), but transformers
-    resumes a PEFT checkpoint through PeftModel.load_adapter, which upcasts the adapter to float32:
-    a resumed step would go on in another precision than the one it started in (measured here: the
-    adapter of a step resumed at optimizer step 2 of 3 differed by 6e-4). The trainable parameters
-    get back the dtype they had before the checkpoint was loaded, before the optimizer is built.
+    - TRL trains QLoRA adapters in bfloat16 (it casts them after get_peft_model), but transformers
+      resumes a PEFT checkpoint through PeftModel.load_adapter, which upcasts the adapter to float32:
+      a resumed step would go on in another precision than the one it started in (measured here:
+      the adapter of a step resumed at optimizer step 2 of 3 differed by 6e-4). The trainable
+      parameters get back the dtype they had before the checkpoint was loaded, before the optimizer
+      is built.
+    - transformers' LengthGroupedSampler (training.group_by_length) draws its order from the global
+      RNG when the epoch starts, which a resumed run is not in; here the order comes from the seed
+      and the epoch alone, as the random sampler's does.
     """
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=self.args.data_seed or self.args.seed)
+        return sampler
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = model if model is not None else self.model
