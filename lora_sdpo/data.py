@@ -390,9 +390,11 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
 
 
 def write_pairs(pairs: PairSet, path: Path) -> None:
-    from .rundir import atomic_write_text
+    """pairs.jsonl of a step, left untouched when a resumed step finds it already right (TRL's
+    dataset cache, which holds the tokenised pairs and the reference log-probs, is keyed on it)."""
+    from .rundir import atomic_write_bytes_if_changed
 
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs.rows))
+    atomic_write_bytes_if_changed(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs.rows).encode())
 
 
 def tokenize_pair(row: dict, tokenizer) -> dict:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .rundir import RunDir, atomic_write_bytes, atomic_write_text
+from .rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
 
 
 def _fmt(x, digits=3) -> str:
@@ -64,10 +63,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def read_metrics(run: RunDir, index: int) -> list[dict]:
-    path = run.metrics_path(index)
-    if not path.exists():
-        return []
-    return [m for m in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if "loss" in m]
+    return [m for m in read_jsonl(run.metrics_path(index)) if "loss" in m]
 
 
 def plot_curves(run: RunDir, manifest: dict, path: Path) -> bool:

@@ -168,8 +168,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
             for j in range(i, n + 1):
                 shutil.rmtree(run.step(j), ignore_errors=True)
                 manifest["steps"][j - 1] = {"index": j, "status": "pending"}
-                for name in (f"M_{j}",):
-                    manifest["gamma_matrix"]["rows"].pop(name, None)
+                manifest["gamma_matrix"]["rows"].pop(f"M_{j}", None)
             entry = manifest["steps"][i - 1]
         if entry.get("status") in ("running", "failed"):
             log(f"step {i}/{n}: resuming the interrupted step (its {entry.get('phase', 'start')} phase)")

@@ -46,6 +46,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes_if_changed(path: Path, data: bytes) -> None:
+    """As atomic_write_bytes, but a file that already holds exactly `data` is left untouched (its
+    modification time too: caches such as datasets' are keyed on it)."""
+    path = Path(path)
+    if not (path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data):
+        atomic_write_bytes(path, data)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log; a line torn by a kill in the middle of an append is left out."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -27,13 +27,13 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl import DPOConfig, DPOTrainer
 
 from . import distributed, faults
-from .data import PairSet
+from .data import PairSet, write_pairs
 from .diagnostics import gammas, stats
 from .errors import DataError, RunError
 from .merge import merge_lora
 from .model import lora_config, load_base, sequence_logps
 from .recipe import LoadedRecipe
-from .rundir import RunDir, atomic_dir, atomic_write_bytes, atomic_write_json, ensure_free_space, file_hashes, verify_files
+from .rundir import RunDir, atomic_dir, atomic_write_bytes, atomic_write_bytes_if_changed, atomic_write_json, ensure_free_space, file_hashes, read_jsonl, verify_files
 from .splits import composition
 
 
@@ -64,7 +64,7 @@ class JsonlMetrics(TrainerCallback):
         """Resuming from the checkpoint of optimizer step `keep_until` keeps the records up to it.
         path None: a process other than the main one, which writes nothing."""
         self.path = path
-        self.records = [r for r in _read_metrics(path) if keep_until and r.get("step", 0) <= keep_until] if path else []
+        self.records = [r for r in read_jsonl(path) if keep_until and r.get("step", 0) <= keep_until] if path else []
         if path is not None:
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
@@ -257,31 +257,6 @@ class LossGuard(TrainerCallback):
                 control.should_save = False
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a line torn by a kill in the middle of an append is left out."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
-def _same_file(path: Path, data: bytes) -> bool:
-    return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
-
-
-def _write_pairs_once(pairs: PairSet, path: Path) -> None:
-    """pairs.jsonl, left untouched when a resumed step finds it already right (TRL's dataset
-    cache, which holds the tokenised pairs and the reference log-probs, is keyed on it)."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs.rows).encode()
-    if not _same_file(path, data):
-        atomic_write_bytes(path, data)
-
-
 def _free_space_for_model(run: RunDir, index: int, source_dir: Path) -> None:
     """M_t is written as float32 shards; stop now, not after hours of training, if it cannot fit."""
     from .shards import model_tensors
@@ -326,7 +301,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
         entry.pop("model_files", None)  # an M_t merged from another A_t is not this step's
         if distributed.is_main():
             _free_space_for_model(run, index, target_dir)
-            _write_pairs_once(pairs, data_dir / "pairs.jsonl")
+            write_pairs(pairs, data_dir / "pairs.jsonl")
         _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_path, mark)
         faults.point("adapter")
     _release_memory()
@@ -357,7 +332,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
     _release_memory()
     retention = retention_stats(kept["start"], kept["adapter"], g_merged)
 
-    records = _read_metrics(run.metrics_path(index))
+    records = read_jsonl(run.metrics_path(index))
     logs = [m for m in records if "loss" in m and "train_runtime" not in m]
     first, last = (logs[0], logs[-1]) if logs else ({}, {})
     tail = logs[-max(1, len(logs) // 4) :]
@@ -459,8 +434,8 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     faults.point("reference")
     ref_path = data_dir / "ref_logps.safetensors"
     ref_bytes = _safetensors_bytes({"chosen": ref_chosen, "rejected": ref_rejected, "row": torch.tensor([r["row"] for r in pairs.rows])})
-    if distributed.is_main() and not _same_file(ref_path, ref_bytes):
-        atomic_write_bytes(ref_path, ref_bytes)
+    if distributed.is_main():
+        atomic_write_bytes_if_changed(ref_path, ref_bytes)
     if index == 1 and cfg.diagnostics.gamma_matrix and "S" not in ctx.matrix_rows_done and distributed.is_main():
         t = time.perf_counter()
         if ref_model is None:
