@@ -203,8 +203,8 @@ class ResumableDPOTrainer(DPOTrainer):
 
     - TRL trains QLoRA adapters in bfloat16 (it casts them after get_peft_model), but transformers
       resumes a PEFT checkpoint through PeftModel.load_adapter, which upcasts the adapter to float32:
-      a resumed step would go on in another precision than the one it started in (measured here:
-      the adapter of a step resumed at optimizer step 2 of 3 differed by 6e-4). The trainable
+      a resumed step would go on in another precision than the one it started in, and its adapter
+      would not match the uninterrupted run's (tests/test_resume.py checks bit-equality). The trainable
       parameters get back the dtype they had before the checkpoint was loaded, before the optimizer
       is built.
     - transformers' LengthGroupedSampler (training.group_by_length) draws its order from the global
