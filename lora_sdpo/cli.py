@@ -243,7 +243,7 @@ def plan(recipe, overrides, num_processes):
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default="bfloat16", show_default=True)
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--merge-base", type=click.Choice(["original", "nf4-roundtrip"]), default="original", show_default=True,
-              help="Add the delta to W, or to dequant(NF4(W)) as the QLoRA adapter saw it (see README).")
+              help="Add the delta to W, or to dequant(NF4(W)) as the QLoRA adapter saw it (see docs/chain-and-merge.md).")
 def merge(base, adapter, output, dtype, max_shard_size, merge_base):
     """Merge a LoRA ADAPTER into BASE, streamed tensor by tensor (the delta is added in float32)."""
     from .hub import local_model_dir

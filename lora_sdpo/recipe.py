@@ -402,7 +402,7 @@ def _with_overrides_comment(text: str, overrides: list[str]) -> str:
 
 
 def schema_reference() -> str:
-    """The recipe reference as markdown, generated from the schema (the README embeds it; a test compares)."""
+    """The recipe reference as markdown, generated from the schema (docs/recipes.md embeds it; tests/test_docs.py compares)."""
     sections = [
         ("[run]", RunConfig),
         ("[model]", ModelConfig),

@@ -1,0 +1,66 @@
+"""The docs: the recipe reference is the schema's, the README stays a front door, every link resolves."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import ROOT
+from lora_sdpo.data import detect_format, normalise
+from lora_sdpo.recipe import schema_reference
+
+PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_docs_recipe_reference_is_the_schema():
+    page = (ROOT / "docs" / "recipes.md").read_text()
+    assert schema_reference() in page, "regenerate with: python -m lora_sdpo.recipe, and paste it into docs/recipes.md"
+
+
+def test_readme_is_a_front_door():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 10_000
+    # The two commands at the top are CI's and the quickstart's contract.
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    assert blocks[:2] == [
+        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && HF_HUB_OFFLINE=1 .venv/bin/lora-sdpo run recipes/quickstart.toml --output runs/quickstart",
+        "HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q",
+    ]
+    # Every command of the CLI has a row in the README's table.
+    from lora_sdpo.cli import main
+
+    for name in main.commands:
+        assert f"| `{name} " in readme or f"| `{name}`" in readme, f"README's command table lacks {name}"
+
+
+def _anchors(text: str) -> set[str]:
+    # GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens.
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_every_relative_link_resolves(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        assert dest.exists(), f"{page.name}: link to {target} points nowhere"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest.read_text()), f"{page.name}: no heading #{anchor} in {dest.name}"
+
+
+def test_data_format_examples_are_what_they_say():
+    page = (ROOT / "docs" / "data-formats.md").read_text()
+    names = {"OpenAI preference": "openai", "ShareGPT": "sharegpt", "Orca pairs": "orca",
+             "TRL conversational": "conversational", "UltraFeedback binarized": "conversational",
+             "TRL standard": "standard", "implicit prompt": "implicit"}
+    rows = re.findall(r"^\| ([^|]+?) \| .*? \| `(\{.*\})` \|$", page, re.M)
+    assert {n for n, _ in rows} == set(names)
+    for name, example in rows:
+        row = json.loads(example)
+        fmt, pair, problem = normalise(row)
+        assert detect_format(row) == names[name] == fmt and problem is None, (name, problem)
+        assert pair["chosen"] != pair["rejected"] and pair["prompt"]
