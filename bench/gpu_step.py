@@ -7,7 +7,8 @@ machine, nothing is downloaded:
    intermediate 14336, 32 heads, 8 KV heads; the phi-3 vocabulary, 32064, since the tokenizer is
    the pico model's), saved in bfloat16 (14.5 GB);
 2. 256 synthetic pairs whose every sequence fills max_length 1024;
-3. `lora-sdpo run` of a one-step recipe with recipes/two_step.toml's settings (zephyr-qlora: NF4,
+3. `lora-sdpo run` of a one-step recipe, twice: with the pair forward (training.prefix_sharing,
+   the default) and with TRL's own forward (prefix_sharing = false), with recipes/two_step.toml's settings (zephyr-qlora: NF4,
    r 128 on every projection; beta 0.01, lr 5e-6, batch 4 x 4, paged_adamw_32bit, gradient
    checkpointing, bf16), the gamma matrix off (a diagnostic), retention on: load + quantise,
    reference pass, training, merge into float32 shards, retention;
@@ -123,17 +124,25 @@ def report(name: str, tokens: int, ref_s: float, train_s: float, n: int, peak_tf
     return out
 
 
-def run_lora_sdpo(recipe: Path, out: Path, tokens: int, n: int, peak: float) -> dict:
+def run_lora_sdpo(recipe: Path, out: Path, tokens: int, n: int, peak: float, sharing: bool) -> dict:
+    """One step through `lora-sdpo run`; `sharing`: training.prefix_sharing (the pair forward).
+
+    tokens/s and MFU count the two-row layout's tokens for every arm (the same work), so the pair
+    forward's figures are 'TRL-equivalent'; the manifest's token accounting is printed beside them."""
     from lora_sdpo.cli import main as cli
 
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    cli(["run", str(recipe), "--output", str(out)], standalone_mode=False)
+    cli(["run", str(recipe), "--output", str(out), "--set", f"training.prefix_sharing={str(sharing).lower()}"], standalone_mode=False)
     wall = time.perf_counter() - t
     step = json.loads((out / "manifest.json").read_text())["steps"][0]
-    r = report("lora-sdpo run (1 step)", tokens, step["timings"]["reference"], step["timings"]["train"], n, peak)
-    r.update(wall_s=round(wall, 1), timings=step["timings"], first_loss=step["first_loss"], retention=step["retention"])
-    print(f"gpu | lora-sdpo timings {step['timings']} wall {wall:.1f}s", flush=True)
+    name = "lora-sdpo run, pair forward" if sharing else "lora-sdpo run, TRL's forward"
+    r = report(name, tokens, step["timings"]["reference"], step["timings"]["train"], n, peak)
+    r.update(wall_s=round(wall, 1), timings=step["timings"], first_loss=step["first_loss"], retention=step["retention"],
+             token_accounting=step.get("tokens"))
+    print(f"gpu | {name}: timings {step['timings']} wall {wall:.1f}s tokens {step.get('tokens')}", flush=True)
+    shutil.rmtree(out / "step-1" / "model", ignore_errors=True)  # 29 GB of float32 M_1
     return r
 
 
@@ -204,11 +213,16 @@ def main() -> None:
     results["planner_gib"] = round(sum(est.values()) / GIB, 2)
     print(f"gpu | planner estimate {results['planner_gib']} GiB: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.items()), flush=True)
 
-    results["lora_sdpo"] = run_lora_sdpo(recipe, work / "run", tokens, n, a.peak_tflops)
-    shutil.rmtree(work / "run" / "step-1" / "model", ignore_errors=True)  # 29 GB of float32 M_1
+    results["lora_sdpo_pairs"] = run_lora_sdpo(recipe, work / "run-pairs", tokens, n, a.peak_tflops, sharing=True)
+    results["lora_sdpo"] = run_lora_sdpo(recipe, work / "run", tokens, n, a.peak_tflops, sharing=False)
     if not a.skip_trl:
         results["trl"] = run_trl(work / "model", work / "pairs.jsonl", work / "trl", a.max_length, tokens, n, a.peak_tflops)
         print(f"gpu | train time lora-sdpo / TRL: {results['lora_sdpo']['train_s'] / results['trl']['train_s']:.2f}", flush=True)
+    base = results.get("trl", results["lora_sdpo"])
+    print(f"gpu | pair forward vs {'plain TRL' if 'trl' in results else 'the TRL path'}: training "
+          f"{base['train_s'] / results['lora_sdpo_pairs']['train_s']:.2f}x faster, reference pass "
+          f"{base['reference_s'] / results['lora_sdpo_pairs']['reference_s']:.2f}x, peak allocated "
+          f"{results['lora_sdpo_pairs']['peak_allocated_gib']} vs {base['peak_allocated_gib']} GiB", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 

@@ -79,7 +79,7 @@ def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=prin
 
     def eval_gammas(model_dir: Path):
         model = load_base(model_dir, loaded.adapter)
-        g = gammas(model, eval_rows, tokenizer, max_len)
+        g = gammas(model, eval_rows, tokenizer, max_len, prefix_sharing=loaded.recipe.training.prefix_sharing)
         del model
         return g
 

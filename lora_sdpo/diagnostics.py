@@ -20,11 +20,12 @@ from .model import sequence_logps
 SEEN_DATA_SPREAD = 1.0
 
 
-def gammas(model, tokenized: list[dict], tokenizer, max_length: int, batch_size: int = 8) -> torch.Tensor:
+def gammas(model, tokenized: list[dict], tokenizer, max_length: int, batch_size: int = 8,
+           prefix_sharing: bool = True) -> torch.Tensor:
     """Per-pair gamma of `model` (a PEFT model counts with its adapter on)."""
     if not tokenized:
         return torch.empty(0)
-    chosen, rejected = sequence_logps(model, tokenized, tokenizer.pad_token_id, max_length, batch_size)
+    chosen, rejected = sequence_logps(model, tokenized, tokenizer.pad_token_id, max_length, batch_size, prefix_sharing)
     return chosen - rejected
 
 

@@ -127,12 +127,16 @@ def lora_parameter_count(config: dict, adapter: AdapterConfig) -> int:
 
 
 @torch.no_grad()
-def sequence_logps(model, tokenized: list[dict], pad_token_id: int, max_length: int, batch_size: int = 8):
-    """Summed completion log-probs (chosen, rejected) per pair, through TRL's fused LM head.
+def sequence_logps(model, tokenized: list[dict], pad_token_id: int, max_length: int, batch_size: int = 8,
+                   prefix_sharing: bool = True):
+    """Summed completion log-probs (chosen, rejected) per pair, through the path training uses:
+    lora-sdpo's pair forward (prefix_sharing) or TRL's fused LM head on two rows.
 
     `tokenized` rows carry TRL's prompt_ids/chosen_ids/rejected_ids; batching, truncation and the
     label mask are TRL's collator's, so the numbers mean exactly what the trainer's do.
     """
+    from . import pairs
+
     collator = DataCollatorForPreference(pad_token_id=pad_token_id, max_length=max_length)
     # TRL's head goes on the transformers model under any PEFT wrapper, once (the marker is also
     # set by step.py on models TRL has already patched).
@@ -140,6 +144,7 @@ def sequence_logps(model, tokenized: list[dict], pad_token_id: int, max_length: 
     if not getattr(target, "_lora_sdpo_fused", False):
         add_fused_lm_head(target)
         target._lora_sdpo_fused = True
+    pairs.install(target, enabled=prefix_sharing)
     device = next(p.device for p in model.parameters())
     was_training = model.training
     model.eval()

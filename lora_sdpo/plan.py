@@ -163,8 +163,14 @@ def memory_estimate(
         acts = tokens * (layers * h * act + per_layer) + outside
     else:
         acts = tokens * layers * per_layer + outside
-    tile = min(tokens, HEAD_TILE_TOKENS) * min(s["vocab"], HEAD_TILE_VOCAB)
-    head_tiles = tile * CPU_HEAD_TILE_COPIES * 4 if device == "cpu" else tile * compute
+    if training.prefix_sharing:  # pairs.py sizes the vocabulary tile to a byte budget (float32 tile)
+        from .pairs import TILE_BYTES, TILE_BYTES_DEFAULT
+
+        budget = TILE_BYTES.get(device, TILE_BYTES_DEFAULT)
+        head_tiles = budget * CPU_HEAD_TILE_COPIES if device == "cpu" else budget * compute / 4
+    else:
+        tile = min(tokens, HEAD_TILE_TOKENS) * min(s["vocab"], HEAD_TILE_VOCAB)
+        head_tiles = tile * CPU_HEAD_TILE_COPIES * 4 if device == "cpu" else tile * compute
     # bitsandbytes dequantises one 4-bit weight at a time for the matmul, and its transpose in the backward
     largest = max(h * s["q"], h * s["i"])
     base = linear * per_weight + other * compute
@@ -208,6 +214,17 @@ def memory_lines(config: dict, adapter: AdapterConfig, training: TrainingConfig,
     ]
 
 
+def backbone_tokens(lens: list[tuple[int, int, int]], max_length: int, batch: int) -> tuple[float, float]:
+    """Mean tokens per pair through the backbone: the pair forward (shared prefix counted as the
+    prompt, so at most) and TRL's two rows padded to the longest row of each batch."""
+    rows = [(min(p, max_length), min(c, max_length), min(r, max_length)) for p, c, r in lens]
+    if not rows:
+        return 0.0, 0.0
+    packed = sum(c + r - min(p, c, r) for p, c, r in rows)
+    padded = sum(2 * len(g) * max(max(c, r) for _, c, r in g) for g in (rows[i : i + batch] for i in range(0, len(rows), batch)))
+    return packed / len(rows), padded / len(rows)
+
+
 def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
     cfg = recipe.recipe
     plan = Plan()
@@ -224,6 +241,12 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
         f"training: beta={t.beta} lr={t.learning_rate} {t.lr_scheduler_type} warmup={t.warmup_ratio} "
         f"epochs={t.num_train_epochs} batch={t.per_device_train_batch_size}x{t.gradient_accumulation_steps}={eff} "
         f"max_length={t.max_length} optim={t.optim} precision={t.precision}"
+    )
+    plan.add(
+        "forward: lora-sdpo's pair forward (training.prefix_sharing = true): the prompt once per pair, pairs packed "
+        "without padding, the LM head on completion tokens only"
+        if t.prefix_sharing else
+        "forward: TRL's own (training.prefix_sharing = false): chosen and rejected as two padded rows, each with the prompt"
     )
     if processes > 1:
         b, acc = split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
@@ -279,6 +302,10 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
             cut = sum(1 for _, c, r in lens if max(c, r) > t.max_length)
             full = sum(1 for p, _, _ in lens if p >= t.max_length)
             plan.add(f"  truncated at max_length {t.max_length}: {cut} of {n} pairs; prompts with no room left: {full}")
+            packed, padded = backbone_tokens(lens, t.max_length, b)
+            plan.add(f"  backbone tokens per pair: {packed:.0f} with the pair forward (at most; prompt once, no padding), "
+                     f"{padded:.0f} in TRL's two padded rows (batches of {b} in file order)"
+                     + ("  <- this recipe's path" if not t.prefix_sharing else ""))
     try:
         ev = load_eval_pairs(recipe)
     except DataError as e:

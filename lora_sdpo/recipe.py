@@ -136,6 +136,12 @@ class TrainingConfig(_Strict):
         return v
     precompute_ref_batch_size: Annotated[int, Field(gt=0)] | None = Field(None, description="Batch of the reference pass.")
     disable_dropout: bool = Field(True, description="Turn dropout off in policy and reference (TRL's default).")
+    prefix_sharing: bool = Field(
+        True,
+        description="lora-sdpo's pair forward: each pair as one sequence [prompt | chosen | rejected] (the prompt "
+        "once, rejected blind to chosen), pairs packed without padding, the LM head on completion tokens only; exact "
+        "to float rounding. false: TRL's own two-row forward, batch for batch.",
+    )
     group_by_length: bool = Field(
         False,
         description="Batch pairs of similar length together (transformers' LengthGroupedSampler): a third less "

@@ -56,6 +56,28 @@ def matrix_table(manifest: dict) -> tuple[list[str], list[list[str]]]:
     return ["model"] + [f"{d} (n={gm['sample'][d]})" for d in data], out
 
 
+def tokens_section(manifest: dict) -> list[str]:
+    """What training put through the backbone, against TRL's padded two-row layout on the same batches."""
+    rows = []
+    for s in manifest["steps"]:
+        t = s.get("tokens") or {}
+        if s.get("status") != "done" or not t.get("two_row"):
+            continue
+        path = "pair forward" if s.get("prefix_sharing") else "TRL two-row"
+        rows.append([str(s["index"]), path, f"{t['backbone']:,}", f"{t['two_row']:,}", f"{t['completion']:,}",
+                     f"{t['backbone'] / t['two_row']:.2f}x", f"{t['completion'] / t['two_row']:.2f}x"])
+    if not rows:
+        return []
+    return [
+        "\n## Tokens of training\n",
+        _md_table(["step", "forward", "backbone", "TRL two-row", "completion", "backbone / two-row", "LM head / two-row"], rows),
+        "\nbackbone: tokens the training forwards put through the decoder layers; TRL two-row: what TRL's layout "
+        "(chosen and rejected as two rows, each with the prompt, padded to the batch's longest) puts through them for "
+        "the same batches; completion: the tokens the LM head scores on the pair forward (TRL's head scores every "
+        "two-row position off CUDA). training.prefix_sharing chooses the forward.\n",
+    ]
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -190,6 +212,7 @@ def build_report(root: Path) -> Path:
         ]
         if heat:
             parts.append("![gamma matrix](gamma_matrix.png)\n")
+    parts += tokens_section(manifest)
     parts += eval_section(manifest)
     if curves:
         parts += ["\n## Training curves\n", "![curves](curves.png)\n"]

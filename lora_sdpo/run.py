@@ -33,7 +33,8 @@ def _base_scorer(recipe: LoadedRecipe, base_dir: Path, tokenizer):
         from .model import load_base
 
         model = load_base(base_dir, recipe.adapter)
-        g = gammas(model, [tokenize_pair(r, tokenizer) for r in rows], tokenizer, recipe.recipe.training.max_length)
+        t = recipe.recipe.training
+        g = gammas(model, [tokenize_pair(r, tokenizer) for r in rows], tokenizer, t.max_length, prefix_sharing=t.prefix_sharing)
         del model
         return g.tolist()
 
@@ -229,6 +230,9 @@ def step_summary(e: dict, n: int) -> str:
     if procs.get("count", 1) > 1:
         rtext += f"; {procs['count']} processes" + (
             f" ({procs['repeated_pairs']} pairs repeated to fill their last batches)" if procs["repeated_pairs"] else "")
+    tok = e.get("tokens") or {}
+    if tok.get("two_row") and e.get("prefix_sharing"):
+        rtext += f"; backbone tokens {tok['backbone'] / tok['two_row']:.2f}x TRL's"
     return (
         f"step {e['index']}/{n} done: {e['rows']} pairs, {e['timings']['total']:.0f}s, "
         f"loss {_f(e['first_loss'])} -> {_f(e['last_loss'])}, reward acc {_f(e['reward_accuracy'], 2)}, "

@@ -26,7 +26,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
 
-from . import distributed, faults
+from . import distributed, faults, pairs
 from .data import PairSet, write_pairs
 from .diagnostics import gammas, stats
 from .errors import DataError, RunError
@@ -53,8 +53,9 @@ class StepContext:
 
     def gamma_row(self, model) -> dict[str, dict]:
         """One row of the gamma matrix: the model's gamma statistics on every dataset's sample."""
-        max_len = self.recipe.recipe.training.max_length
-        return {name: stats(gammas(model, rows, self.tokenizer, max_len)) for name, rows in self.samples.items()}
+        t = self.recipe.recipe.training
+        return {name: stats(gammas(model, rows, self.tokenizer, t.max_length, prefix_sharing=t.prefix_sharing))
+                for name, rows in self.samples.items()}
 
 
 class JsonlMetrics(TrainerCallback):
@@ -182,6 +183,36 @@ class CheckpointSeal(TrainerCallback):
         faults.point(f"train:{state.global_step}")
 
 
+TOKENS = "lora-sdpo-tokens.json"
+
+
+class TokenTally(TrainerCallback):
+    """The step's token accounting: tokens the training forwards put through the backbone, what TRL's
+    padded two-row layout would have put through it for the same batches, and completion tokens
+    (pairs.py counts them). Saved in every checkpoint before its seal, so that a resumed step's
+    tally is the uninterrupted one's; summed over the processes."""
+
+    def __init__(self, model, start: dict | None = None):
+        self.model, self.start = model, start
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        pairs.reset_tokens(self.model, self.start if state.is_world_process_zero else None)
+
+    def on_save(self, args, state, control, **kwargs):
+        total = self.total()
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir():
+            atomic_write_json(ckpt / TOKENS, total)
+
+    def total(self) -> dict:
+        """(distributed) collective: every process calls it."""
+        out: dict[str, int] = {}
+        for share in distributed.gather_object(pairs.tokens_of(self.model)):
+            for k, v in share.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """Length-grouped batches in an order that depends on (seed, epoch) only."""
 
@@ -207,10 +238,24 @@ class ResumableDPOTrainer(DPOTrainer):
       would not match the uninterrupted run's (tests/test_resume.py checks bit-equality). The trainable
       parameters get back the dtype they had before the checkpoint was loaded, before the optimizer
       is built.
+    - Every forward of a pair, the reference pass in __init__ included, goes through lora-sdpo's
+      pair forward (pairs.py) when training.prefix_sharing is on; TRL's own otherwise.
     - transformers' LengthGroupedSampler (training.group_by_length) draws its order from the global
       RNG when the epoch starts, which a resumed run is not in; here the order comes from the seed
       and the epoch alone, as the random sampler's does.
     """
+
+    def __init__(self, *args, prefix_sharing: bool = True, **kwargs):
+        self._lora_sdpo_prefix_sharing = prefix_sharing
+        super().__init__(*args, **kwargs)
+
+    def _precompute_ref_logps(self, *args, **kwargs):
+        # TRL has just put its fused LM head on the models (add_fused_lm_head, in __init__), and the
+        # reference pass comes next: from here on, every forward of a pair goes through pairs.py.
+        pairs.install(self.model.get_base_model(), enabled=self._lora_sdpo_prefix_sharing)
+        if self.ref_model is not None:
+            pairs.install(self.ref_model, enabled=self._lora_sdpo_prefix_sharing)
+        return super()._precompute_ref_logps(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -321,7 +366,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
     sample = _retention_sample(data_dir, ctx, cfg.retention.sample_size)
     t = time.perf_counter()
     merged = load_base(run.model_dir(index), recipe.adapter)
-    c, r = sequence_logps(merged, sample, pad_id, max_len)
+    c, r = sequence_logps(merged, sample, pad_id, max_len, prefix_sharing=cfg.training.prefix_sharing)
     g_merged = c - r
     timings["retention"] = timings.get("retention", 0.0) + time.perf_counter() - t
     if cfg.diagnostics.gamma_matrix:
@@ -364,6 +409,9 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
         "model_files": entry["model_files"],
         "resumed": entry.get("resumed", []),
         "processes": entry.get("processes"),
+        # training's tokens: through the backbone, in TRL's padded two-row layout, completion tokens
+        "prefix_sharing": cfg.training.prefix_sharing,
+        "tokens": entry.get("tokens"),
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }, matrix
 
@@ -403,6 +451,8 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     metrics = JsonlMetrics(run.metrics_path(index) if distributed.is_main() else None, keep_until=resume_step)
     guard = LossGuard()
     ledger = distributed.BatchLedger()
+    tokens_file = checkpoint / TOKENS if checkpoint else None
+    tally = TokenTally(None, json.loads(tokens_file.read_text()) if tokens_file and tokens_file.exists() else None)
     set_seed(cfg.run.seed)  # LoRA's A is drawn inside DPOTrainer.__init__ (get_peft_model)
     t = time.perf_counter()
     trainer = ResumableDPOTrainer(
@@ -412,8 +462,11 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
         train_dataset=dataset,
         processing_class=ctx.tokenizer,
         peft_config=lora_config(recipe.adapter),
-        callbacks=[metrics, guard, CheckpointSeal(), StepProgress(index), ledger],
+        # the tally writes into a checkpoint before CheckpointSeal seals it
+        callbacks=[metrics, guard, tally, CheckpointSeal(), StepProgress(index), ledger],
+        prefix_sharing=cfg.training.prefix_sharing,
     )
+    tally.model = trainer.model.get_base_model()
     distributed.check_trainer(trainer, cfg.distributed)  # no silent fallback to one process or to DDP
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # used instead when logging is quiet
@@ -466,19 +519,21 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     pad_id, max_len = ctx.tokenizer.pad_token_id, cfg.training.max_length
     k = min(cfg.retention.sample_size, len(train_ds))
     sample = [train_ds[i] for i in range(k)]
-    c, r = sequence_logps(trainer.model, sample, pad_id, max_len)
+    shared = cfg.training.prefix_sharing
+    c, r = sequence_logps(trainer.model, sample, pad_id, max_len, prefix_sharing=shared)
     g_adapter = c - r
     if ref_model is None:
         g_start = (ref_chosen - ref_rejected)[:k]
     else:
         with trainer.model.disable_adapter():
-            c, r = sequence_logps(trainer.model, sample, pad_id, max_len)
+            c, r = sequence_logps(trainer.model, sample, pad_id, max_len, prefix_sharing=shared)
         g_start = c - r
     timings["retention"] = time.perf_counter() - t
 
     # (distributed) Every process ran the retention sample (under FSDP the model's forward is
     # collective); what each trained on is gathered, and the main process alone writes.
     shares = distributed.gather_object(ledger.summary(distributed.world().rank))
+    tokens = tally.total()
     adapter_state = distributed.adapter_state_dict(trainer)
     if not distributed.is_main():
         del trainer, model, ref_model
@@ -489,7 +544,7 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     with atomic_dir(run.adapter_dir(index)) as tmp:
         trainer.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
     del trainer, model, ref_model
-    mark("merge", adapter_files=file_hashes(run.adapter_dir(index)),
+    mark("merge", adapter_files=file_hashes(run.adapter_dir(index)), tokens=tokens,
          processes=distributed.batch_report(cfg, shares, len(pairs.rows)))
     shutil.rmtree(trainer_dir, ignore_errors=True)  # checkpoints are not needed once A_t is saved
 

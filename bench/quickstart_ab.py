@@ -1,0 +1,82 @@
+"""The quickstart with the pair forward on and off, alternated (A, B, A, B, ...), timed from outside.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/quickstart_ab.py [--rounds 2]
+
+Each round runs `lora-sdpo run recipes/quickstart.toml --set training.prefix_sharing=true|false`
+into a fresh directory under /usr/bin/time -v, and prints wall time, peak RSS, user and system CPU
+time and minor page faults of each, the ratios on/off, the largest difference between the two
+runs' logged losses at the same optimizer step, and the manifest's token accounting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = {
+    "wall_s": r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)",
+    "peak_rss_mb": r"Maximum resident set size \(kbytes\): (\d+)",
+    "user_s": r"User time \(seconds\): (\S+)",
+    "sys_s": r"System time \(seconds\): (\S+)",
+    "minor_faults": r"Minor \(reclaiming a frame\) page faults: (\d+)",
+}
+
+
+def _seconds(text: str) -> float:
+    parts = [float(x) for x in text.split(":")]
+    return sum(p * 60**i for i, p in enumerate(reversed(parts)))
+
+
+def run(sharing: bool, out: Path) -> dict:
+    cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv/bin/lora-sdpo"), "run", "recipes/quickstart.toml", "--output", str(out),
+           "--set", f"training.prefix_sharing={str(sharing).lower()}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    r = {}
+    for k, pat in FIELDS.items():
+        v = re.search(pat, p.stderr).group(1)
+        r[k] = _seconds(v) if k == "wall_s" else float(v)
+    r["peak_rss_mb"] /= 1024
+    m = json.loads((out / "manifest.json").read_text())
+    r["tokens"] = [s.get("tokens") for s in m["steps"]]
+    r["losses"] = [[json.loads(x).get("loss") for x in (out / f"step-{s['index']}" / "metrics.jsonl").read_text().splitlines()
+                    if "loss" in json.loads(x) and "train_runtime" not in json.loads(x)] for s in m["steps"]]
+    r["loadavg"] = Path("/proc/loadavg").read_text().split()[0]
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    res = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(args.rounds):
+            for sharing in (True, False):
+                r = run(sharing, Path(d) / f"{sharing}-{i}")
+                res[sharing].append(r)
+                print(f"quickstart | prefix_sharing={str(sharing).lower()} round {i + 1} (load {r['loadavg']}) | wall {r['wall_s']:.0f}s, "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB, user {r['user_s']:.0f}s, sys {r['sys_s']:.0f}s, "
+                      f"{r['minor_faults'] / 1e6:.1f}M minor faults | tokens {r['tokens']}", flush=True)
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    on, off = res[True], res[False]
+    diff = max(abs(a - b) for r_on, r_off in zip(on, off) for s_on, s_off in zip(r_on["losses"], r_off["losses"]) for a, b in zip(s_on, s_off))
+    print(f"quickstart | on/off over {args.rounds} rounds | wall {mean(on, 'wall_s') / mean(off, 'wall_s'):.2f}x "
+          f"({mean(on, 'wall_s'):.0f}s vs {mean(off, 'wall_s'):.0f}s), peak RSS {mean(on, 'peak_rss_mb'):.0f} MB vs "
+          f"{mean(off, 'peak_rss_mb'):.0f} MB, CPU (user+sys) {(mean(on, 'user_s') + mean(on, 'sys_s')) / (mean(off, 'user_s') + mean(off, 'sys_s')):.2f}x, "
+          f"minor faults {mean(on, 'minor_faults') / mean(off, 'minor_faults'):.2f}x | largest logged-loss difference at the same "
+          f"update {diff:.2e} (losses per step: {len(on[0]['losses'][0])}, {len(on[0]['losses'][-1])})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"on": on, "off": off}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

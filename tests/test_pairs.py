@@ -1,0 +1,141 @@
+"""The pair forward (lora_sdpo/pairs.py) against TRL's two-row layout and full logits, computed independently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import add_fused_lm_head
+
+from conftest import MODEL, ORCA, ULTRA, nf4
+from lora_sdpo import pairs
+from lora_sdpo.data import normalise, tokenize_pair
+
+MAX_LEN = 160
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Pairs of very different lengths: a prompt that fills most of max_length, truncated completions,
+    one whose completions are cut away entirely, and chosen/rejected sharing tokens after the prompt."""
+    tok = AutoTokenizer.from_pretrained(str(MODEL))
+    rows = []
+    for path in (ULTRA, ORCA):
+        for line in path.read_text().splitlines()[:8]:
+            _, pair, problem = normalise(json.loads(line))
+            if problem is None:
+                rows.append(tokenize_pair(pair, tok))
+    lengths = [len(r["prompt_ids"]) for r in rows]
+    long_prompt = next(r for r in rows if MAX_LEN * 0.6 < len(r["prompt_ids"]) < MAX_LEN - 8)
+    gone = next(r for r in rows if len(r["prompt_ids"]) >= MAX_LEN)
+    short = sorted(rows, key=lambda r: len(r["prompt_ids"]) + len(r["chosen_ids"]))[:3]
+    shared = dict(short[0])
+    shared["rejected_ids"] = shared["chosen_ids"][:6] + shared["rejected_ids"]  # answers start alike
+    prefix = dict(short[1])
+    prefix["rejected_ids"] = prefix["chosen_ids"][:4]  # rejected is a prefix of chosen
+    picked = [short[2], long_prompt, gone, shared, prefix, rows[0]]
+    assert max(lengths) > MAX_LEN and any(len(r["prompt_ids"]) + len(r["chosen_ids"]) > MAX_LEN for r in picked)
+    collate = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=MAX_LEN)
+    b = collate([{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in picked])
+    b["labels"] = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
+    return b
+
+
+def full_logit_logps(model, b) -> torch.Tensor:
+    """Per-token log-probs of the two-row batch from the model's own logits (no fused head), (2B, L-1)."""
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(2, b["input_ids"][:, 1:, None])[..., 0]
+    return lp * (b["labels"][:, 1:] != -100)
+
+
+def fused(model, b, enabled: bool):
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(target, "_lora_sdpo_pairs"):
+        add_fused_lm_head(target, outputs=pairs.HEAD_OUTPUTS)
+    pairs.install(target, enabled=enabled)
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], fused_lm_head=True)
+
+
+def test_layout_shares_the_common_prefix(batch):
+    segs = pairs.pair_segments(batch["input_ids"], batch["attention_mask"])
+    lengths = batch["attention_mask"].sum(1)
+    half = len(segs)
+    for i, (p, a, b) in enumerate(segs):
+        assert p + a == lengths[i] and p + b == lengths[half + i]
+        c, r = batch["input_ids"][i], batch["input_ids"][half + i]
+        assert torch.equal(c[:p], r[:p]) and (p == min(lengths[i], lengths[half + i]) or c[p] != r[p])
+    prompt = (batch["completion_mask"][:half] == 0) & (batch["attention_mask"][:half] == 1)
+    assert any(p > n for (p, _, _), n in zip(segs, prompt.sum(1)))  # shared beyond the prompt somewhere
+    packed = sum(p + a + b for p, a, b in segs)
+    assert packed < batch["attention_mask"].sum() < batch["input_ids"].numel()
+
+
+def test_float64_hidden_states_equal_the_two_row_layout(batch):
+    """In float64 a difference would be the layout's, not rounding: every scored position's hidden
+    state in the packed rows equals the two-row batch's to 1e-10 (packs split by a small budget too)."""
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float64).eval()
+    pairs.install(model)  # registers the attention function and switches the model to it
+    with torch.no_grad():
+        rows = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        segments = pairs.pair_segments(batch["input_ids"], batch["attention_mask"])
+        for budget in (pairs.PACK_TOKENS, 300):
+            packs, starts = pairs.pack(batch["input_ids"], segments, budget)
+            packed = pairs.backbone_hidden(model, packs)
+            mask, idx = pairs.gather_index(batch["labels"], segments, starts)
+            expected = rows[:, :-1][mask]
+            assert packed.shape[0] == sum(p + a + b for p, a, b in segments) and len(packs) >= (1 if budget > 1000 else 3)
+            assert (packed[idx] - expected).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("quantised", [False, True], ids=["fp32", "nf4"])
+def test_float32_equals_two_row_layout(batch, quantised):
+    """Per-pair summed log-probs within 1e-5 (relative to the sum's size, float32 rounding of ~300
+    terms); per token, log-probs and TRL's metric fields within 1e-5 of TRL's own fused head."""
+    model = nf4(MODEL) if quantised else AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
+    ref = full_logit_logps(model, batch)
+    with torch.no_grad():
+        ours = fused(model, batch, enabled=True)
+        trl = fused(model, batch, enabled=False)
+    s_ref, s_ours = ref.double().sum(1), ours.log_probs.double().sum(1)
+    assert ((s_ours - s_ref).abs() <= 1e-5 * s_ref.abs().clamp(min=1)).all(), (s_ours - s_ref).abs().max()
+    # per token: TRL's own fused head is 3.2e-5 from the full logits' log_softmax at worst here
+    assert (ours.log_probs - ref).abs().max() < 1e-4
+    for key in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        assert (getattr(ours, key) - getattr(trl, key)).abs().max() < 1e-5, key
+    assert torch.equal(ours.is_top1, trl.is_top1) and torch.equal(ours.label_mask, trl.label_mask)
+
+
+def test_dpo_loss_gradients_match_through_nf4_lora_and_checkpointing(batch):
+    """The DPO loss's gradients w.r.t. every LoRA parameter agree within 1e-4 relative; the pair
+    path runs with gradient checkpointing (its layout is replayed in backward)."""
+    grads = {}
+    for name, enabled in (("pairs", True), ("trl", False)):
+        model = nf4(MODEL)
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+        torch.manual_seed(0)
+        peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], lora_dropout=0.0))
+        torch.manual_seed(1)
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.02)  # B = 0 would leave A without gradient
+        if enabled:
+            peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            peft.enable_input_require_grads()
+        peft.train()
+        out = fused(peft, batch, enabled)
+        tally = pairs.tokens_of(model)  # training forwards are counted: which layout ran
+        assert (tally["backbone"] < tally["two_row"]) == enabled and tally["two_row"] == batch["input_ids"].numel()
+        c, r = out.log_probs.sum(1).chunk(2)
+        loss = -torch.nn.functional.logsigmoid(0.1 * ((c - c.detach() - 3.0) - (r - r.detach()))).mean()
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad}
+    assert grads["pairs"].keys() == grads["trl"].keys() and len(grads["trl"]) == 4 * 7 * 2
+    for n, g in grads["trl"].items():
+        assert g.abs().max() > 0, n
+        rel = (grads["pairs"][n] - g).norm() / g.norm()
+        assert rel < 1e-4, (n, float(rel))
