@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 import sys
@@ -16,9 +15,7 @@ from .errors import UserError
 def _quiet_libraries() -> None:
     # The libraries' own chatter (deprecations, "loading weights") buries the lines users need.
     warnings.filterwarnings("ignore")
-    # bitsandbytes warns at import that an optional Hub-downloaded CPU kernel is missing; the
-    # built-in kernels are used instead, so the warning is noise.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # (bitsandbytes' missing-`kernels` line is dropped at its source: lora_sdpo/noise.py.)
     import datasets
     import transformers
 
