@@ -217,6 +217,58 @@ def eval_(model_or_run, tasks, include, limit, steps, batch_size, adapter, preci
 
 
 @main.command()
+@click.argument("model_or_run")
+@click.option("--prompt", "prompt_texts", multiple=True, metavar="TEXT", help="A prompt (the user's turn); repeatable.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="A file of prompts: .txt (one a line) or .jsonl/.json rows with a `prompt` (text or messages), e.g. preference pairs.")
+@click.option("--step", help="For a run: a step number (0 is S), or all (S, M_1 ... M_T side by side). Default: the last finished step.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "nf4", "fp32"]), default="bf16", show_default=True,
+              help="Weights as loaded: bf16, nf4 (4-bit, quantised from float32 as in training) or fp32.")
+@click.option("--compute-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="dtype of the matmuls of an nf4 model (float32 is faster on CPUs).")
+@click.option("--adapter", type=click.Path(file_okay=False), help="A PEFT LoRA adapter folder to apply on top of MODEL.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy; above 0: sampling.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling (prompt i uses seed + i).")
+def generate(model_or_run, prompt_texts, prompts_file, step, max_new_tokens, precision, compute_dtype, adapter, temperature, seed):
+    """What a model writes: its completion of each prompt, through its chat template.
+
+    MODEL_OR_RUN is a model folder, a Hub id or a run directory. One model streams its output;
+    several (a run with --step all) are shown side by side for each prompt.
+    """
+    from .generate import Settings, read_prompts, targets
+
+    prompts = read_prompts(prompt_texts, prompts_file)
+    many = len(targets(model_or_run, step, adapter)) > 1
+    _quiet_libraries()
+    from rich.console import Console
+    from rich.table import Table
+
+    from .generate import generate as run_generate
+    from .samples import prompt_text
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    log = lambda m: console.print(m, markup=False, style="dim")  # noqa: E731
+
+    def stream(label, i, tokenizer):
+        from transformers import TextStreamer
+
+        console.print(f"\n[{i + 1}] {prompt_text(prompts[i])}", markup=False, style="bold")
+        return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    res = run_generate(model_or_run, prompts, step=step, adapter=adapter, precision=precision, compute_dtype=compute_dtype,
+                       settings=Settings(max_new_tokens, temperature, seed), stream=None if many else stream, log=log)
+    if not many:
+        return
+    for i, p in enumerate(prompts):
+        table = Table(title=f"[{i + 1}] {prompt_text(p)}", title_justify="left", show_lines=True)
+        for label in res:
+            table.add_column(label, overflow="fold")
+        table.add_row(*(res[label][i] for label in res))
+        console.print(table)
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
 @click.option("--num-processes", type=click.IntRange(min=1), default=1, show_default=True,

@@ -158,6 +158,10 @@ class RetentionConfig(_Strict):
 class DiagnosticsConfig(_Strict):
     gamma_matrix: bool = Field(True, description="Measure mean gamma of S, M_1..M_T on every D_t and the eval data (paper Fig. 2).")
     gamma_sample: Annotated[int, Field(gt=0)] = Field(64, description="Pairs per dataset for the gamma matrix (the first N of each).")
+    samples: Annotated[int, Field(ge=0)] = Field(
+        2, description="Greedy completions of S and every M_t for the first N held-out prompts (data.eval), side by side "
+        "in report.md, full texts in samples.json (0: off).")
+    sample_tokens: Annotated[int, Field(gt=0)] = Field(64, description="New tokens of each sample at most.")
 
 
 class DistributedConfig(_Strict):

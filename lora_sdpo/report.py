@@ -214,6 +214,9 @@ def build_report(root: Path) -> Path:
             parts.append("![gamma matrix](gamma_matrix.png)\n")
     parts += tokens_section(manifest)
     parts += eval_section(manifest)
+    from .samples import report_section
+
+    parts += report_section(run.root)
     if curves:
         parts += ["\n## Training curves\n", "![curves](curves.png)\n"]
     path = run.root / "report.md"

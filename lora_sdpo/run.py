@@ -130,6 +130,10 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         named["eval"] = data.eval
     samples = {name: [tokenize_pair(r, tokenizer) for r in ps.rows[:k]] for name, ps in named.items()}
     ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, samples=samples)
+    if main:
+        from .samples import for_run
+
+        ctx.sample_log = for_run(run.root, recipe, data.eval)
     manifest.setdefault("gamma_matrix", {"sample": {name: len(rows) for name, rows in samples.items()}, "rows": {}})
     ctx.matrix_rows_done = set(manifest["gamma_matrix"]["rows"])
 

@@ -50,6 +50,7 @@ class StepContext:
     samples: dict[str, list[dict]]  # tokenised first pairs of each D_t and of the eval data (gamma matrix)
     matrix_rows_done: set = field(default_factory=set)  # gamma-matrix rows already in the manifest
     save_matrix_rows: Callable[[dict], None] = lambda rows: None
+    sample_log: object = None  # samples.SampleLog: what S and each M_t write, for the report (None: off)
 
     def gamma_row(self, model) -> dict[str, dict]:
         """One row of the gamma matrix: the model's gamma statistics on every dataset's sample."""
@@ -373,6 +374,8 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
         t = time.perf_counter()
         matrix[f"M_{index}"] = ctx.gamma_row(merged)
         timings["diagnostics"] = timings.get("diagnostics", 0.0) + time.perf_counter() - t
+    if ctx.sample_log is not None:
+        timings["samples"] = timings.get("samples", 0.0) + ctx.sample_log.record(f"M_{index}", merged, ctx.tokenizer)
     del merged
     _release_memory()
     retention = retention_stats(kept["start"], kept["adapter"], g_merged)
@@ -498,6 +501,12 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
             matrix["S"] = ctx.gamma_row(ref_model)
         timings["diagnostics"] = time.perf_counter() - t
         ctx.save_matrix_rows(matrix)
+    if index == 1 and distributed.is_main() and ctx.sample_log is not None and ctx.sample_log.wanted("S"):
+        if ref_model is None:
+            with trainer.model.disable_adapter():  # exactly S
+                timings["samples"] = timings.get("samples", 0.0) + ctx.sample_log.record("S", trainer.model, ctx.tokenizer)
+        else:
+            timings["samples"] = timings.get("samples", 0.0) + ctx.sample_log.record("S", ref_model, ctx.tokenizer)
     mark("train", **({"resumed": [f"train from checkpoint-{resume_step}"]} if checkpoint else {}))
 
     t = time.perf_counter()
