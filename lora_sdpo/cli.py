@@ -312,8 +312,21 @@ def merge(base, adapter, output, dtype, max_shard_size, merge_base):
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]), default="bfloat16", show_default=True,
               help="dtype of the merged weights (the run keeps them in float32).")
 @click.option("--max-shard-size", default="2GB", show_default=True)
-def export(run_dir, output, step, what, dtype, max_shard_size):
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True,
+              help="gguf: M_t as one GGUF file (llama.cpp, Ollama) with the tokenizer and chat template embedded; Llama/Mistral.")
+@click.option("--quant", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True, help="Weights of a GGUF export.")
+def export(run_dir, output, step, what, dtype, max_shard_size, fmt, quant):
     """A self-contained folder from RUN_DIR: M_t or the adapter A_t, tokenizer, model card, recipe."""
+    if fmt == "gguf":
+        from .errors import RunError
+        from .gguf_export import export_gguf
+
+        if what != "merged":
+            raise RunError("--format gguf exports the merged M_t; --what adapter is written as safetensors only")
+        marker = export_gguf(run_dir, output, step=step, quant=quant)
+        click.echo(f"exported step {marker['step']} (GGUF, {quant}): {len(marker['files']) + 1} files, "
+                   f"{sum(marker['files'].values()) / 2**20:.1f} MB -> {os.path.abspath(output)}")
+        return
     from .export import export_run
 
     plan = export_run(run_dir, output, step=step, what=what, dtype=dtype, max_shard_size=max_shard_size)

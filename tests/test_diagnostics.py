@@ -63,7 +63,7 @@ def test_gamma_matrix_agrees_with_the_reference_passes(two_step_run):
     m = json.loads((two_step_run / "manifest.json").read_text())
     gm = m["gamma_matrix"]
     assert list(gm["rows"]) == ["S", "M_1", "M_2"]
-    assert set(gm["sample"]) == {"D_1", "D_2"}
+    assert set(gm["sample"]) == {"D_1", "D_2", "eval"}  # the fixture holds out 4 pairs
     for model, step in (("S", 1), ("M_1", 2)):
         k = gm["sample"][f"D_{step}"]
         ref = load_file(two_step_run / f"step-{step}" / "data" / "ref_logps.safetensors")
