@@ -50,6 +50,10 @@ def test_f16_export_layout_logits_tokenizer_and_chat_template(two_step_run, tmp_
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model-f16.gguf" in modelfile and 'PARAMETER stop "<|end|>"' in modelfile
 
+    res = _invoke("push", str(out), "--repo-id", "someone/sdpo-gguf", "--dry-run")  # contacts nobody
+    assert res.exit_code == 0, res.output
+    assert all(f in res.output for f in ("model-f16.gguf", "Modelfile", "README.md", "export.json"))
+
     m2 = two_step_run / "step-2" / "model"
     tok = AutoTokenizer.from_pretrained(m2)
     gtok = AutoTokenizer.from_pretrained(out, gguf_file="model-f16.gguf")
