@@ -15,7 +15,7 @@ from lora_sdpo.step import dpo_config
 def _recipe(tmp_path, data_dir):
     if not (data_dir / "eval.jsonl").exists():  # held out: the 4 short UltraFeedback pairs after the training ones
         write_jsonl(data_dir / "eval.jsonl", short_rows(ULTRA, 16)[12:16])
-    return load_recipe(write_recipe(tmp_path, data_dir, extra=f'\n[[data.eval]]\npath = "{data_dir / "eval.jsonl"}"\n'))
+    return load_recipe(write_recipe(tmp_path, data_dir, extra=f'samples = 0  # report samples: tests/test_generate.py\n[[data.eval]]\npath = "{data_dir / "eval.jsonl"}"\n'))
 
 
 def test_arms_differ_only_in_what_they_should(tmp_path, data_dir):
