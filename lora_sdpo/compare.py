@@ -16,7 +16,6 @@ beats S's), mean held-out gamma, final train loss, wall time.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 from .errors import RecipeError
@@ -37,8 +36,8 @@ def arm_recipe(loaded: LoadedRecipe, arm: str) -> LoadedRecipe:
 
     if arm not in ARMS:
         raise RecipeError(f"--arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-    data = tomllib.loads(loaded.text)
-    data.setdefault("data", {})
+    # From the validated recipe, not its text: the text holds --set overrides only as comments.
+    data = loaded.recipe.model_dump(mode="json")
     if arm == "dpo":
         data["steps"] = [{"sources": [s for step in data["steps"] for s in step["sources"]], **dpo_arm_training(loaded)}]
         data["data"]["split"] = "natural"
