@@ -107,7 +107,8 @@ def plot_curves(run: RunDir, manifest: dict, path: Path) -> bool:
             for ax in axes:
                 ax.axvline(offset + 0.5, color="grey", lw=0.5, ls=":")
             offset = xs[-1]
-    axes[0].axhline(0.693147, color="grey", lw=0.8, ls="--", label="ln 2")
+    if all((s.get("training") or {}).get("loss_type", "sigmoid") == "sigmoid" for s in manifest["steps"]):
+        axes[0].axhline(0.693147, color="grey", lw=0.8, ls="--", label="ln 2")  # sigmoid's value at zero margin
     for ax, title in zip(axes, ("DPO loss", "reward accuracy", "reward margin")):
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
