@@ -1,9 +1,10 @@
 """Experiment tracking and settings per step, on one tiny real two-step run through the CLI.
 
-Step 2 trains with its own learning rate, beta and loss (ipo), so its first loss is (1/(2 beta))^2 = 4
-instead of ln 2: the trainer's logs, TensorBoard's and MLflow's records and the manifest must all show
-step 2's settings. Both trackers are read back with their own readers (tensorboard's
-EventAccumulator, MLflow's client).
+Step 2 trains with its own learning rate, beta, loss (ipo) and epochs, so its first loss is
+(1/(2 beta))^2 = 4 instead of ln 2: the trainer's logs, TensorBoard's and MLflow's records and the
+manifest must all show step 2's settings. Step 2 is killed after its first update's checkpoint and
+resumed, and each tracker must still hold one run per step with each update once. Both trackers are
+read back with their own readers (tensorboard's EventAccumulator, MLflow's client).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ STEP1 = [("What is 2 + 2?", "2 + 2 = 4.", "It is 5."), ("Name a primary colour."
          ("Translate 'merci' into English.", "'Merci' means 'thank you'.", "It means 'goodbye'."), ("Is the sun a star?", "Yes, the sun is a star.", "No, it is a planet.")]
 STEP2 = [("What is the capital of France?", "Paris.", "Lyon."), ("How many legs has a spider?", "Eight.", "Six."),
          ("What colour is the sky on a clear day?", "Blue.", "Green."), ("Is ice colder than steam?", "Yes.", "No.")]
-STEP2_TRAINING = {"learning_rate": 1e-3, "beta": 0.25, "loss_type": "ipo"}
+STEP2_TRAINING = {"learning_rate": 1e-3, "beta": 0.25, "loss_type": "ipo", "num_train_epochs": 2}
 
 
 def _sets(step2=STEP2_TRAINING) -> list[str]:
@@ -40,7 +41,10 @@ def tracked_run(tmp_path_factory) -> tuple[Path, Path]:
     write_jsonl(folder / "b.jsonl", _rows(STEP2))
     recipe = write_recipe(folder, folder, steps=("a.jsonl", "b.jsonl"))
     out = folder / "run"
-    cli("run", str(recipe), "--output", str(out), *[a for s in _sets() for a in ("--set", s)])
+    args = ("run", str(recipe), "--output", str(out), *[a for s in _sets() for a in ("--set", s)])
+    killed = cli(*args, check=False, env={"LORA_SDPO_FAULT": "step2:train:1"})  # after update 1's checkpoint
+    assert killed.returncode != 0
+    cli(*args)
     return recipe, out
 
 
@@ -59,6 +63,8 @@ def test_each_step_trains_with_its_own_settings(tracked_run):
     assert (s1["training"]["learning_rate"], s1["training"]["beta"], s1["training"]["loss_type"]) == (2e-3, 0.1, "sigmoid")
     assert {k: s2["training"][k] for k in STEP2_TRAINING} == STEP2_TRAINING
     assert m["settings"]["step_training"] == [s1["training"], s2["training"]]
+    assert (s1["optimizer_steps"], s2["optimizer_steps"]) == (1, 2)  # 4 pairs a batch; step 2: 2 epochs
+    assert s2["resumed"] == ["train from checkpoint-1"]
     # the trainer's own logs: learning rate (constant schedule) and the loss at zero margin
     first = [json.loads((out / f"step-{i}" / "metrics.jsonl").read_text().splitlines()[0]) for i in (1, 2)]
     assert first[0]["learning_rate"] == pytest.approx(2e-3) and first[1]["learning_rate"] == pytest.approx(1e-3)
@@ -71,7 +77,8 @@ def test_tensorboard_has_one_folder_per_step_with_trl_and_lora_sdpo_scalars(trac
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/tensorboard")) == ["step-1/tensorboard", "step-2/tensorboard"]
     for i, loss, beta in ((1, LN2, 0.1), (2, 4.0, 0.25)):
         acc, sc = _scalars(out / f"step-{i}" / "tensorboard")
-        assert sc["train/loss"][0].step == 1 and abs(sc["train/loss"][0].value - loss) < 1e-3
+        assert [e.step for e in sc["train/loss"]] == list(range(1, i + 1))  # each update once, across the resume
+        assert abs(sc["train/loss"][0].value - loss) < 1e-3
         for tag in ("lora_sdpo/rows", "lora_sdpo/first_loss", "lora_sdpo/gamma_ref_mean", "lora_sdpo/retention_noise",
                     f"lora_sdpo/gamma/M_{i}/D_{i}"):
             assert tag in sc, (i, tag, sorted(sc))
@@ -93,7 +100,8 @@ def test_mlflow_has_one_run_per_step_grouped_under_the_run(tracked_run):
     for i, loss, beta in ((1, LN2, 0.1), (2, 4.0, 0.25)):
         r = runs[f"test/step-{i}"]
         history = client.get_metric_history(r.info.run_id, "loss")
-        assert history[0].step == 1 and abs(history[0].value - loss) < 1e-3
+        assert [h.step for h in history] == list(range(1, i + 1))  # the resumed step went on in its own run
+        assert abs(history[0].value - loss) < 1e-3
         assert float(r.data.params["beta"]) == beta
         assert r.data.metrics["lora_sdpo/rows"] == 4
         assert r.info.status == "FINISHED"
