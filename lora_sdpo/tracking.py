@@ -46,8 +46,14 @@ def run_name(recipe, index: int) -> str:
 
 
 def mlflow_uri(run: RunDir) -> str:
+    import logging
     import os
 
+    import mlflow  # noqa: F401  (configures its loggers at import; quieted after it)
+
+    # MLflow and Alembic announce the creation of a new store's tables at INFO on stderr.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run.root / 'mlflow.db'}"
 
 
