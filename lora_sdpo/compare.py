@@ -1,7 +1,8 @@
 """`lora-sdpo compare`: the paper's Table 2 in miniature, on your data.
 
 Every arm is the same recipe with one thing changed, so they see the same pairs, epochs,
-effective batch, learning rate and schedule per step:
+effective batch, learning rate and schedule per step (a step's [steps.training] applies to the
+step of the same index in every sDPO arm; the dpo arm takes it only when all steps share it):
     dpo             one step on the union of all steps' data (plain DPO)
     sdpo            the recipe as written (natural split)
     sdpo-strat      the union re-cut per source into the natural steps' sizes (the paper's Strat.)
@@ -15,7 +16,6 @@ beats S's), mean held-out gamma, final train loss, wall time.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 from .errors import RecipeError
@@ -36,10 +36,10 @@ def arm_recipe(loaded: LoadedRecipe, arm: str) -> LoadedRecipe:
 
     if arm not in ARMS:
         raise RecipeError(f"--arms: unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-    data = tomllib.loads(loaded.text)
-    data.setdefault("data", {})
+    # From the validated recipe, not its text: the text holds --set overrides only as comments.
+    data = loaded.recipe.model_dump(mode="json")
     if arm == "dpo":
-        data["steps"] = [{"sources": [s for step in data["steps"] for s in step["sources"]]}]
+        data["steps"] = [{"sources": [s for step in data["steps"] for s in step["sources"]], **dpo_arm_training(loaded)}]
         data["data"]["split"] = "natural"
         data["data"].pop("fractions", None)
     elif arm == "sdpo-strat":
@@ -54,6 +54,24 @@ def arm_recipe(loaded: LoadedRecipe, arm: str) -> LoadedRecipe:
         raise RecipeError(_format_errors(f"{loaded.path} (arm {arm})", e)) from None
     text = loaded.text.rstrip() + f"\n\n# lora-sdpo compare, arm {arm}: {ARMS[arm]}\n"
     return LoadedRecipe(path=loaded.path, text=text, recipe=recipe, adapter=loaded.adapter, adapter_source=loaded.adapter_source)
+
+
+def dpo_arm_training(loaded: LoadedRecipe) -> dict:
+    """How per-step settings map onto the one-step dpo arm: settings every step shares carry over
+    (same epochs and learning rate over the same pairs, so the same budget); settings that differ
+    between steps have no one-step equivalent, and the arm is refused rather than guessed."""
+    r = loaded.recipe
+    per_step = [r.step_overrides(i) for i in range(1, len(r.steps) + 1)]
+    if all(o == per_step[0] for o in per_step):
+        return {"training": r.steps[0].training.model_dump(exclude_none=True)} if per_step[0] else {}
+    shown = "; ".join(f"step {i}: " + (", ".join(f"{k}={v}" for k, v in o.items()) or "as [training]")
+                      for i, o in enumerate(per_step, 1))
+    raise RecipeError(
+        f"{loaded.path}: --arms dpo: the steps train with different settings ({shown}); the one-step dpo arm has "
+        "no honest equivalent of a per-step schedule (one step on the union cannot train part of it with one "
+        "setting and part with another). Compare the sDPO arms only (e.g. --arms sdpo,sdpo-strat), or give every "
+        "step the same settings in [training]"
+    )
 
 
 def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=print) -> dict:

@@ -248,6 +248,9 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
         if t.prefix_sharing else
         "forward: TRL's own (training.prefix_sharing = false): chosen and rejected as two padded rows, each with the prompt"
     )
+    plan.add(f"loss: {t.loss_label}")
+    if cfg.run.report_to:
+        plan.add(f"tracking: {', '.join(cfg.run.report_to)} (one tracked run per step)")
     if processes > 1:
         b, acc = split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
         plan.add(
@@ -278,6 +281,10 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
     for i, pairs in enumerate(steps_data):
         ref = "S" if i == 0 else f"M_{i}"
         plan.add(f"step {i + 1}: D_{i + 1} -> M_{i + 1} (reference {ref})")
+        st = cfg.step_training(i + 1)  # this step's settings: [training] with its [steps.training]
+        if cfg.step_overrides(i + 1):
+            plan.add("  training (this step): " + ", ".join(
+                f"{k}={st.loss_label if k == 'loss_type' else v}" for k, v in cfg.step_overrides(i + 1).items()))
         if pairs is None:
             for s in cfg.steps[i].sources:
                 plan.add(f"  source {s.label}: not reachable here")
@@ -290,7 +297,7 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
         n = len(pairs.rows)
         b, acc = split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
         per_epoch = math.ceil(math.ceil(math.ceil(n / b) / processes) / acc)
-        steps = per_epoch * t.num_train_epochs
+        steps = per_epoch * st.num_train_epochs
         repeated = per_epoch * b * acc * processes - n if processes > 1 else 0
         plan.add(f"  {n} pairs, {steps:g} optimizer steps" + (
             f" ({repeated} pairs repeated per epoch to fill the last batch of all {processes} processes)" if repeated > 0 else ""))

@@ -7,6 +7,7 @@ at once, each with its key path and what to do (see `RecipeError`).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -87,6 +88,11 @@ class SourceConfig(_Strict):
 
 class StepConfig(_Strict):
     sources: list[SourceConfig] = Field(..., description="The preference data of this step (natural split).")
+    training: "TrainingOverride" = Field(
+        default_factory=lambda: TrainingOverride(),
+        description="[steps.training]: [training] keys that differ for this step only (e.g. learning_rate, beta, "
+        "num_train_epochs, warmup_ratio, loss_type); the run-wide keys cannot be overridden.",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -109,6 +115,14 @@ class DataConfig(_Strict):
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
         0.01, description="Refuse a source when more than this fraction of its rows is bad; below it, drop and report them."
     )
+
+
+# TRL 1.16's DPOTrainer._compute_loss: the loss types it implements, and those its f-divergence
+# generalisation and label smoothing apply to.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+SMOOTHED_LOSSES = ("exo_pair", "robust", "aot", "aot_unpaired")
 
 
 class TrainingConfig(_Strict):
@@ -148,6 +162,112 @@ class TrainingConfig(_Strict):
         "padding at max_length 1024 on the shipped data (BENCHMARKS.md); the order comes from the seed and the epoch, "
         "so a resumed step sees the same batches.",
     )
+    loss_type: str | list[str] = Field(
+        "sigmoid",
+        description="TRL's preference loss: one of " + ", ".join(LOSS_TYPES) + "; or a list of them, summed with "
+        "loss_weights (e.g. MPO: [\"sigmoid\", \"bco_pair\", \"sft\"]).",
+    )
+    loss_weights: list[float] | None = Field(None, description="Weight of each loss_type in the list (default 1 each).")
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = Field(
+        0.0, description="Label noise epsilon of robust, exo_pair (needs > 0; the EXO paper: 1e-3), aot and aot_unpaired."
+    )
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = Field(
+        "reverse_kl", description="f-DPO regulariser; other than reverse_kl only with " + ", ".join(F_DIVERGENCE_LOSSES) + "."
+    )
+    f_alpha_divergence_coef: float = Field(0.5, description="alpha of f_divergence_type = \"alpha_divergence\".")
+    use_weighting: bool = Field(False, description="WPO: weight each pair by the policy's length-normalised sequence probabilities.")
+    ld_alpha: float | None = Field(
+        None,
+        description="LD-DPO's weight of the verbose tail: not offered yet (TRL then caches length-weighted reference "
+        "log-probs, which gamma_ref, retention and the gamma matrix would read as plain ones).",
+    )
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_losses(cls, v: str | list[str]) -> str | list[str]:
+        names = [v] if isinstance(v, str) else v
+        if not names:
+            raise ValueError("name at least one loss, e.g. \"sigmoid\"")
+        for n in names:
+            if n not in LOSS_TYPES:
+                close = difflib.get_close_matches(n, LOSS_TYPES, n=1)
+                raise ValueError(
+                    f"unknown loss {n!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" TRL 1.16 offers: {', '.join(LOSS_TYPES)}"
+                )
+        return v
+
+    @field_validator("ld_alpha")
+    @classmethod
+    def _no_ld_alpha(cls, v: float | None) -> float | None:
+        if v is not None:
+            raise ValueError(
+                "not offered yet: with it TRL caches length-desensitised reference log-probs, which lora-sdpo's "
+                "gamma_ref, retention check and gamma matrix would read as plain log-probs; remove it"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _loss_options_fit(self) -> "TrainingConfig":
+        losses = self.losses
+        if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+            raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for {len(losses)} loss_type(s); give one per loss")
+        if self.f_divergence_type != "reverse_kl" and not set(losses) <= set(F_DIVERGENCE_LOSSES):
+            raise ValueError(
+                f"f_divergence_type = {self.f_divergence_type!r} works only with {', '.join(F_DIVERGENCE_LOSSES)} "
+                f"(not {', '.join(sorted(set(losses) - set(F_DIVERGENCE_LOSSES)))}); use \"reverse_kl\" with them"
+            )
+        if "exo_pair" in losses and self.label_smoothing == 0:
+            raise ValueError("loss exo_pair needs label_smoothing > 0 (the EXO paper recommends 1e-3)")
+        if self.label_smoothing and not set(losses) & set(SMOOTHED_LOSSES):
+            raise ValueError(
+                f"label_smoothing = {self.label_smoothing:g} has no effect on {', '.join(losses)} in TRL 1.16; it is "
+                f"used by {', '.join(SMOOTHED_LOSSES)}: remove it or choose one of them"
+            )
+        if self.use_weighting and set(losses) & {"aot", "aot_unpaired"}:
+            raise ValueError("use_weighting (WPO) does not work with aot/aot_unpaired (they sort pairs, so the weights would not match)")
+        return self
+
+    @property
+    def losses(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def loss_label(self) -> str:
+        """The loss as `plan` and the report show it, e.g. `sigmoid` or `0.8 sigmoid + 0.2 bco_pair`."""
+        weights = self.loss_weights or [1.0] * len(self.losses)
+        text = " + ".join(n if w == 1 else f"{w:g} {n}" for n, w in zip(self.losses, weights))
+        extra = [f"label_smoothing={self.label_smoothing:g}"] if self.label_smoothing else []
+        if self.f_divergence_type != "reverse_kl":
+            extra.append(f"f_divergence={self.f_divergence_type}" + (
+                f"({self.f_alpha_divergence_coef:g})" if self.f_divergence_type == "alpha_divergence" else ""))
+        if self.use_weighting:
+            extra.append("WPO weighting")
+        return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+# Settings every step shares: the gamma matrix and the retention check compare models on the same
+# tokens (max_length), and the global batch, precision, optimizer and checkpointing decide the
+# distributed batch split and the planner's memory estimate of the run.
+RUN_WIDE_TRAINING = ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "optim",
+                     "precision", "gradient_checkpointing", "prefix_sharing")
+
+
+def _override_model() -> type[BaseModel]:
+    """[steps.training]: every per-step key of TrainingConfig, optional, with its constraints; no new definitions."""
+    from pydantic import create_model
+
+    fields = {}
+    for name, f in TrainingConfig.model_fields.items():
+        if name in RUN_WIDE_TRAINING:
+            continue
+        ann = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[name] = (ann | None, Field(None, description=f.description))
+    return create_model("TrainingOverride", __base__=_Strict, **fields)
+
+
+TrainingOverride = _override_model()
+StepConfig.model_rebuild()
 
 
 class RetentionConfig(_Strict):
@@ -176,6 +296,9 @@ class DistributedConfig(_Strict):
     )
 
 
+TRACKERS = ("tensorboard", "mlflow")
+
+
 class RunConfig(_Strict):
     name: str = Field("sdpo", description="Name of the run (used for the default output folder runs/NAME).")
     seed: int = Field(42, description="Seed of LoRA initialisation and data order.")
@@ -184,6 +307,25 @@ class RunConfig(_Strict):
     checkpoint_every: Annotated[int, Field(ge=0)] = Field(
         50, description="Save a trainer checkpoint every N optimizer steps, to resume a killed step from (0: never)."
     )
+    report_to: list[str] = Field(
+        [],
+        description="Experiment trackers, each step a tracked run grouped under the run: tensorboard (RUN/step-N/"
+        "tensorboard), mlflow (MLFLOW_TRACKING_URI, default sqlite RUN/mlflow.db). Each is an extra: pip install 'lora-sdpo[NAME]'.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name in ("wandb", "trackio"):
+                raise ValueError(f"{name!r} is not offered yet (lora-sdpo tests tensorboard and mlflow only); use one of those")
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(name, TRACKERS, n=1)
+                raise ValueError(f"unknown tracker {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                 + f" Offered: {', '.join(TRACKERS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a tracker is named twice")
+        return v
 
 
 class Recipe(_Strict):
@@ -205,6 +347,35 @@ class Recipe(_Strict):
         if not v:
             raise ValueError("add at least one [[steps]] table")
         return v
+
+    def for_step(self, index: int) -> "Recipe":
+        """The recipe as step `index` (1-based) runs it: [training] with the step's own overrides applied."""
+        return self.model_copy(update={"training": self.step_training(index)})
+
+    def step_training(self, index: int) -> TrainingConfig:
+        override = self.steps[index - 1].training.model_dump(exclude_none=True)
+        if not override:
+            return self.training
+        return TrainingConfig.model_validate({**self.training.model_dump(), **override})
+
+    def step_overrides(self, index: int) -> dict:
+        """The settings step `index` runs with that differ from [training]."""
+        run, step = self.training.model_dump(), self.step_training(index).model_dump()
+        return {k: v for k, v in step.items() if v != run[k]}
+
+    @model_validator(mode="after")
+    def _step_settings_valid(self) -> "Recipe":
+        # Each key of [steps.training] was checked on its own; what is left is how it combines with
+        # [training] (e.g. a step's loss_type with the run's label_smoothing).
+        problems = []
+        for i in range(1, len(self.steps) + 1):
+            try:
+                self.step_training(i)
+            except ValidationError as e:
+                problems += [f"steps.{i - 1}.training {x['msg'].removeprefix('Value error, ')} (with [training]'s values)" for x in e.errors()]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _fractions_fit_steps(self) -> "Recipe":
@@ -232,7 +403,12 @@ class LoadedRecipe(BaseModel):
     @property
     def effective(self) -> dict:
         """Every setting as run: the recipe after --set overrides and defaults, and the adapter it names."""
-        return {"recipe": self.recipe.model_dump(mode="json"), "adapter": self.adapter.model_dump(mode="json")}
+        return {
+            "recipe": self.recipe.model_dump(mode="json"),
+            "adapter": self.adapter.model_dump(mode="json"),
+            # each step's training settings after its [steps.training] overrides: resume compares them
+            "step_training": [self.recipe.step_training(i).model_dump(mode="json") for i in range(1, len(self.recipe.steps) + 1)],
+        }
 
     @property
     def sha256(self) -> str:
@@ -281,6 +457,10 @@ def _format_errors(where: str, err: ValidationError) -> str:
         hint = _HINTS.get(e["type"], "")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            if len(loc) == 4 and loc[0] == "steps" and loc[2] == "training" and loc[3] in RUN_WIDE_TRAINING:
+                msg, hint = "run-wide: every step uses [training]'s value (set it there)", ""
+        if not loc and msg.startswith("steps."):  # a step's overrides combined with [training]: the message names its key
+            key, msg = msg.split(" ", 1)
         lines.append(f"  - {key}: {msg}" + (f" ({hint})" if hint else ""))
     return "\n".join(lines)
 
@@ -432,6 +612,12 @@ def schema_reference() -> str:
                 continue
             default = "required" if f.is_required() else _fmt_default(f.default if f.default_factory is None else None)
             out.append(f"| `{name}` | {default} | {f.description or ''} |")
+        if cls is TrainingConfig:
+            out.append(
+                "\nA `[steps.training]` table inside a `[[steps]]` entry overrides these keys for that step only "
+                "(`plan`, the manifest and the report show each step's settings), except the run-wide ones: "
+                + ", ".join(f"`{k}`" for k in RUN_WIDE_TRAINING) + "."
+            )
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

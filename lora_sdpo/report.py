@@ -48,6 +48,27 @@ def summary_rows(manifest: dict) -> list[list[str]]:
 SUMMARY_HEADER = ["step", "reference", "pairs", "first loss", "last loss", "reward acc", "gamma_ref", "retention", "time"]
 
 
+SETTINGS_SHOWN = ("loss_type", "beta", "learning_rate", "num_train_epochs", "warmup_ratio", "lr_scheduler_type")
+
+
+def settings_table(manifest: dict) -> tuple[list[str], list[list[str]]]:
+    """Each done step's effective training settings: the usual ones and every key that differs between steps."""
+    steps = [s for s in manifest["steps"] if s.get("training")]
+    if not steps:
+        return [], []
+    keys = list(SETTINGS_SHOWN) + sorted(
+        k for k in steps[0]["training"] if k not in SETTINGS_SHOWN and len({repr(s["training"].get(k)) for s in steps}) > 1
+    )
+    rows = [[str(s["index"])] + [_fmt_setting(s["training"].get(k)) for k in keys] for s in steps]
+    return ["step"] + keys, rows
+
+
+def _fmt_setting(v) -> str:
+    if isinstance(v, list):
+        return " + ".join(str(x) for x in v)
+    return "n/a" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def matrix_table(manifest: dict) -> tuple[list[str], list[list[str]]]:
     gm = manifest.get("gamma_matrix") or {}
     rows = gm.get("rows") or {}
@@ -108,7 +129,8 @@ def plot_curves(run: RunDir, manifest: dict, path: Path) -> bool:
             for ax in axes:
                 ax.axvline(offset + 0.5, color="grey", lw=0.5, ls=":")
             offset = xs[-1]
-    axes[0].axhline(0.693147, color="grey", lw=0.8, ls="--", label="ln 2")
+    if all((s.get("training") or {}).get("loss_type", "sigmoid") == "sigmoid" for s in manifest["steps"]):
+        axes[0].axhline(0.693147, color="grey", lw=0.8, ls="--", label="ln 2")  # sigmoid's value at zero margin
     for ax, title in zip(axes, ("DPO loss", "reward accuracy", "reward margin")):
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
@@ -194,14 +216,19 @@ def build_report(root: Path) -> Path:
         f"`{manifest['base_model']}`, status **{manifest['status']}**.\n",
         "## Steps\n",
         _md_table(SUMMARY_HEADER, summary_rows(manifest)),
-        "\nfirst loss: the DPO loss of the first optimizer update (ln 2 = 0.6931 when the reference is the step's "
-        "starting model). reward acc: TRL's reward accuracy averaged over the last quarter of the step's updates. "
+        "\nfirst loss: the DPO loss of the first optimizer update (for the sigmoid loss ln 2 = 0.6931 when the "
+        "reference is the step's starting model). reward acc: TRL's reward accuracy averaged over the last quarter of the step's updates. "
         "gamma_ref: mean gamma of the step's reference on all of D_t. retention: the share of the "
         "adapter's gamma gain kept by NF4(M_t) after the merge.\n",
     ]
     for s in manifest["steps"]:
         if s.get("status") == "done":
             parts.append(f"- step {s['index']}: " + "; ".join(s["sources"]))
+    header, rows = settings_table(manifest)
+    if rows:
+        parts += ["\n## Training settings of each step\n", _md_table(header, rows),
+                  "\n[training] with each step's [steps.training] overrides, as the step ran (manifest `training`). "
+                  "The first loss at zero margin depends on the loss: ln 2 for sigmoid, 1 for hinge, (1/(2 beta))^2 for ipo.\n"]
     header, rows = matrix_table(manifest)
     if rows:
         parts += [

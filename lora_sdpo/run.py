@@ -8,7 +8,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from .data import prepare_run_data, tokenize_pair
-from . import distributed, faults
+from . import distributed, faults, tracking
 from .errors import RunError, UserError
 from .hub import local_model_dir
 from .model import load_tokenizer
@@ -103,7 +103,8 @@ def recipe_changes(old: dict | None, new: dict, n: int = 6) -> str:
 
 
 def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = False, log=print) -> dict:
-    # Model and data are checked before the run directory is touched: bad input writes nothing.
+    # Model, data and trackers are checked before the run directory is touched: bad input writes nothing.
+    tracking.require(recipe)
     base_dir = local_model_dir(recipe.model_location(), recipe.recipe.model.revision)
     tokenizer = load_tokenizer(base_dir, trust_remote_code=recipe.recipe.model.trust_remote_code)
     data = prepare_run_data(recipe, tokenizer, score=_base_scorer(recipe, base_dir, tokenizer))

@@ -27,6 +27,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl import DPOConfig, DPOTrainer
 
 from . import distributed, faults, pairs
+from .tracking import StepTracking
 from .data import PairSet, write_pairs
 from .diagnostics import gammas, stats
 from .errors import DataError, RunError
@@ -106,9 +107,10 @@ def _num(v):
     return float(v) if isinstance(v, (int, float)) else v
 
 
-def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
-    """The recipe's training settings as TRL's DPOConfig; the one place they are translated."""
-    t = recipe.recipe.training
+def dpo_config(recipe: LoadedRecipe, output_dir: Path, index: int = 1) -> DPOConfig:
+    """Step `index`'s training settings ([training] with its [steps.training]) as TRL's DPOConfig; the one
+    place they are translated."""
+    t = recipe.recipe.step_training(index)
     # With N processes, per-device batch x accumulation x N stays the recipe's global batch.
     batch, accumulation = distributed.split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, distributed.world().size)
     return DPOConfig(
@@ -121,6 +123,12 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
         max_length=t.max_length,
+        loss_type=t.losses,
+        loss_weights=t.loss_weights,
+        label_smoothing=t.label_smoothing,
+        f_divergence_type=t.f_divergence_type,
+        f_alpha_divergence_coef=t.f_alpha_divergence_coef,
+        use_weighting=t.use_weighting,
         optim=t.optim,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
@@ -140,7 +148,10 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path) -> DPOConfig:
         save_only_model=False,
         # A NaN loss must reach LossGuard as NaN, not be replaced by the window's mean.
         logging_nan_inf_filter=False,
+        # Trackers (run.report_to) are given to the trainer as callbacks by tracking.StepTracking, so
+        # that each step logs into its own folder or run under the run directory.
         report_to=[],
+        run_name=f"{recipe.recipe.run.name}/step-{index}",
         seed=recipe.recipe.run.seed,
         data_seed=recipe.recipe.run.seed,
         use_cpu=not torch.cuda.is_available(),
@@ -324,7 +335,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
     `entry` is the step's manifest entry so far; `save(entry)` writes it into the manifest.
     """
     recipe, run = ctx.recipe, ctx.run
-    cfg = recipe.recipe
+    cfg = recipe.recipe.for_step(index)  # [training] as this step runs it
     faults.set_step(index)
     t0 = time.perf_counter()
     timings: dict[str, float] = dict(entry.get("timings_partial", {}))  # phases timed before a resume
@@ -387,7 +398,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
     timings["total"] = before + time.perf_counter() - t0
     ref = load_file(data_dir / "ref_logps.safetensors")
     gamma_ref = ref["chosen"] - ref["rejected"]
-    return {
+    result = {
         "index": index,
         "status": "done",
         "sources": [rep.summary() for rep in pairs.reports],
@@ -396,6 +407,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
         "data_fingerprint": pairs.fingerprint,
         "reference": "S" if index == 1 else f"M_{index - 1}",
         "target_init": cfg.model.target_init,
+        "training": cfg.training.model_dump(mode="json"),  # the step's effective settings
         "first_loss": first.get("loss"),
         "first_reward_margin": first.get("rewards/margins"),
         "last_loss": last.get("loss"),
@@ -416,7 +428,9 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
         "prefix_sharing": cfg.training.prefix_sharing,
         "tokens": entry.get("tokens"),
         "timings": {k: round(v, 2) for k, v in timings.items()},
-    }, matrix
+    }
+    StepTracking(recipe, run, index).log_step_end(result, matrix)
+    return result, matrix
 
 
 def _retention_sample(data_dir: Path, ctx: StepContext, k: int) -> list[dict]:
@@ -430,7 +444,7 @@ def _retention_sample(data_dir: Path, ctx: StepContext, k: int) -> list[dict]:
 def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_path, mark) -> None:
     """Phases reference and train: A_t saved, with the retention sample's start and adapter gammas."""
     recipe, run = ctx.recipe, ctx.run
-    cfg = recipe.recipe
+    cfg = recipe.recipe.for_step(index)  # [training] as this step runs it
     data_dir = run.data_dir(index)
     import datasets
 
@@ -456,12 +470,13 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     ledger = distributed.BatchLedger()
     tokens_file = checkpoint / TOKENS if checkpoint else None
     tally = TokenTally(None, json.loads(tokens_file.read_text()) if tokens_file and tokens_file.exists() else None)
+    tracking = StepTracking(recipe, run, index) if distributed.is_main() else None  # only the main process tracks
     set_seed(cfg.run.seed)  # LoRA's A is drawn inside DPOTrainer.__init__ (get_peft_model)
     t = time.perf_counter()
     trainer = ResumableDPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=dpo_config(recipe, trainer_dir),
+        args=dpo_config(recipe, trainer_dir, index),
         train_dataset=dataset,
         processing_class=ctx.tokenizer,
         peft_config=lora_config(recipe.adapter),
@@ -510,7 +525,13 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     mark("train", **({"resumed": [f"train from checkpoint-{resume_step}"]} if checkpoint else {}))
 
     t = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    for cb in tracking.trainer_callbacks(resume_step) if tracking else []:
+        trainer.add_callback(cb)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        if tracking:
+            tracking.end_training()
     timings["train"] = timings.get("train", 0.0) + time.perf_counter() - t
     if guard.bad is not None:
         step, what, value = guard.bad
