@@ -121,6 +121,9 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
                 log(f"warning: step {i}: {rep.summary()}")
     if data.overlong:
         log(f"warning: {len(data.overlong)} pairs dropped, their prompt fills training.max_length: {', '.join(data.overlong[:5])}")
+    for w in data.audit.warnings():
+        log(f"warning: {w}")
+    manifest["overlap"] = data.audit.to_dict()
     manifest["split"] = recipe.recipe.data.split
     manifest["dropped_overlong"] = data.overlong
     k = recipe.recipe.diagnostics.gamma_sample
@@ -130,6 +133,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     samples = {name: [tokenize_pair(r, tokenizer) for r in ps.rows[:k]] for name, ps in named.items()}
     ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, samples=samples)
     manifest.setdefault("gamma_matrix", {"sample": {name: len(rows) for name, rows in samples.items()}, "rows": {}})
+    manifest["gamma_matrix"]["per_pair"] = "gamma/<row>.safetensors"  # one tensor per dataset, the sample's order
     ctx.matrix_rows_done = set(manifest["gamma_matrix"]["rows"])
 
     def save_rows(rows: dict) -> None:
@@ -200,6 +204,9 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         run.write_manifest(manifest)
         log(step_summary(entry, n))
         faults.point("done")
+    from .diagnostics import paired_differences
+
+    manifest["gamma_matrix"]["paired"] = paired_differences(run.root, manifest)
     manifest["status"] = "done"
     run.write_manifest(manifest)
     distributed.barrier()

@@ -28,7 +28,7 @@ from trl import DPOConfig, DPOTrainer
 
 from . import distributed, faults
 from .data import PairSet, write_pairs
-from .diagnostics import gammas, stats
+from .diagnostics import gamma_file, gammas, save_gammas, stats
 from .errors import DataError, RunError
 from .merge import merge_lora
 from .model import lora_config, load_base, sequence_logps
@@ -51,10 +51,13 @@ class StepContext:
     matrix_rows_done: set = field(default_factory=set)  # gamma-matrix rows already in the manifest
     save_matrix_rows: Callable[[dict], None] = lambda rows: None
 
-    def gamma_row(self, model) -> dict[str, dict]:
-        """One row of the gamma matrix: the model's gamma statistics on every dataset's sample."""
+    def gamma_row(self, model, label: str) -> dict[str, dict]:
+        """One row of the gamma matrix: the model's gamma statistics on every dataset's sample; its
+        per-pair gammas go to gamma/LABEL.safetensors, from which reports rebuild the paired differences."""
         max_len = self.recipe.recipe.training.max_length
-        return {name: stats(gammas(model, rows, self.tokenizer, max_len)) for name, rows in self.samples.items()}
+        per_pair = {name: gammas(model, rows, self.tokenizer, max_len) for name, rows in self.samples.items()}
+        save_gammas(gamma_file(self.run.root, label), per_pair)
+        return {name: stats(g) for name, g in per_pair.items()}
 
 
 class JsonlMetrics(TrainerCallback):
@@ -326,7 +329,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
     timings["retention"] = timings.get("retention", 0.0) + time.perf_counter() - t
     if cfg.diagnostics.gamma_matrix:
         t = time.perf_counter()
-        matrix[f"M_{index}"] = ctx.gamma_row(merged)
+        matrix[f"M_{index}"] = ctx.gamma_row(merged, f"M_{index}")
         timings["diagnostics"] = timings.get("diagnostics", 0.0) + time.perf_counter() - t
     del merged
     _release_memory()
@@ -440,9 +443,9 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
         t = time.perf_counter()
         if ref_model is None:
             with trainer.model.disable_adapter():  # exactly S
-                matrix["S"] = ctx.gamma_row(trainer.model)
+                matrix["S"] = ctx.gamma_row(trainer.model, "S")
         else:
-            matrix["S"] = ctx.gamma_row(ref_model)
+            matrix["S"] = ctx.gamma_row(ref_model, "S")
         timings["diagnostics"] = time.perf_counter() - t
         ctx.save_matrix_rows(matrix)
     mark("train", **({"resumed": [f"train from checkpoint-{resume_step}"]} if checkpoint else {}))
