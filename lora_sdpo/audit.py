@@ -57,15 +57,19 @@ class Overlap:
     def text(self) -> str:
         parts = []
         if self.exact:
-            parts.append(f"{len(self.exact)} pairs of {self.b} are also pairs of {self.a} ({_where(self.exact)})")
+            parts.append(f"{_pairs(len(self.exact))} of {self.b} also in {self.a} ({_where(self.exact)})")
         if self.prompt:
-            parts.append(f"{len(self.prompt)} pairs of {self.b} share their prompt with a pair of {self.a}, with other "
+            parts.append(f"{_pairs(len(self.prompt))} of {self.b} with the prompt of a pair of {self.a} but other "
                          f"completions ({_where(self.prompt)})")
         return "; ".join(parts)
 
     def to_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "exact": len(self.exact), "prompt": len(self.prompt),
                 "exact_rows": [list(x) for x in self.exact[:KEEP]], "prompt_rows": [list(x) for x in self.prompt[:KEEP]]}
+
+
+def _pairs(n: int) -> str:
+    return f"{n} pair" + ("" if n == 1 else "s")
 
 
 def _where(rows: list[tuple[str, str]]) -> str:

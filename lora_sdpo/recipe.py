@@ -156,7 +156,11 @@ class RetentionConfig(_Strict):
 
 class DiagnosticsConfig(_Strict):
     gamma_matrix: bool = Field(True, description="Measure mean gamma of S, M_1..M_T on every D_t and the eval data (paper Fig. 2).")
-    gamma_sample: Annotated[int, Field(gt=0)] = Field(64, description="Pairs per dataset for the gamma matrix (the first N of each).")
+    gamma_sample: Annotated[int, Field(gt=0)] = Field(
+        64,
+        description="Pairs per dataset for the gamma matrix (the first N of each); 64 puts the standard error of the "
+        "paired M_{t-1} - S comparison near 2.5 nats on the quickstart's data (its standard deviation: 19.7).",
+    )
 
 
 class DistributedConfig(_Strict):

@@ -309,7 +309,7 @@ def print_summary(manifest: dict, console) -> None:
         if contamination_note(manifest):
             console.print(f"[yellow]{contamination_note(manifest)}[/]", soft_wrap=True)
     paired = (manifest.get("gamma_matrix") or {}).get("paired")
-    if paired and len(paired) > 1:
+    if rows and paired and len(paired) > 1:
         pt = Table(title="each step's reference minus S, paired on D_t's sample")
         for h in PAIRED_HEADER:
             pt.add_column(h, justify="right")

@@ -70,7 +70,7 @@ def test_overlap_with_eval_refused_listing_the_row(tmp_path):
     for args in (["plan", str(r)], ["run", str(r), "--output", str(out)]):
         res = invoke(*args)
         assert res.exit_code == 2 and res.output.count("error: ") == 1 and "Traceback" not in res.output, res.output
-        assert "held-out data ([[data.eval]]) overlaps the training steps: 1 pairs of eval are also pairs of D_1" in res.output
+        assert "held-out data ([[data.eval]]) overlaps the training steps: 1 pair of eval also in D_1" in res.output
         assert f"{tmp_path / 'ev.jsonl'} row 2 = {tmp_path / 'd1.jsonl'} row 3" in res.output
         assert "data.allow_eval_overlap" in res.output
     assert not out.exists()
@@ -83,7 +83,7 @@ def test_accepted_eval_overlap_is_marked_contaminated(tmp_path):
                extra="[data]\nallow_eval_overlap = true")
     res = invoke("plan", str(r))
     assert res.exit_code == 0, res.output
-    assert "held-out overlap accepted (data.allow_eval_overlap = true): 1 pairs of eval" in res.output
+    assert "held-out overlap accepted (data.allow_eval_overlap = true): 1 pair of eval also in D_1" in res.output
     found = audit([[normalise(orca(i))[1] | {"source": "d1", "row": i + 1} for i in range(4)]],
                   [normalise(standard(2))[1] | {"source": "ev", "row": 1}], allow_eval_overlap=True)
     found.check()  # accepted: no error
@@ -97,7 +97,7 @@ def test_overlap_between_steps_is_a_warning_with_counts(tmp_path):
     res = invoke("plan", str(recipe(tmp_path, d1, d2)))
     assert res.exit_code == 0, res.output
     line = next(x for x in res.output.splitlines() if x.startswith("warning: data overlap"))
-    assert "2 pairs of D_2 are also pairs of D_1" in line and "1 pairs of D_2 share their prompt with a pair of D_1" in line
+    assert "2 pairs of D_2 also in D_1" in line and "1 pair of D_2 with the prompt of a pair of D_1 but other completions" in line
     assert f"{tmp_path / 'd2.jsonl'} row 1 = {tmp_path / 'd1.jsonl'} row 2" in line
     assert "Step 2's reference M_1 has trained on them" in line
 
