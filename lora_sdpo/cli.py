@@ -152,7 +152,8 @@ def gamma(model_path, adapter, data_specs, against, limit, max_length, quantizat
         return
     for label, e in res["sources"].items():
         click.echo(f"{label}: {e['data']}")
-        click.echo(f"  gamma mean {e['mean']:.3f}  median {e['median']:.3f}  std {e['std']:.3f}  "
+        se = f" ± {e['se']:.3f} (s.e.)" if e.get("se") is not None else ""
+        click.echo(f"  gamma mean {e['mean']:.3f}{se}  median {e['median']:.3f}  std {e['std']:.3f}  "
                    f"fraction > 0 {e['frac_positive']:.3f}  (n={e['n']})")
         if "against" in e:
             a = e["against"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class SourceReport:
     def summary(self) -> str:
         parts = [f"{self.label}: {self.used} pairs used of {self.total} rows"]
         if self.bad:
-            parts.append(f"{len(self.bad)} bad dropped ({_rows_text(self.bad)})")
+            parts.append(f"{len(self.bad)} bad dropped ({bad_rows_text(self.bad)})")
         if self.duplicates:
             parts.append(f"{len(self.duplicates)} exact duplicates dropped (rows {_list_text(self.duplicates)})")
         return "; ".join(parts)
@@ -44,9 +45,16 @@ def _list_text(rows: list[int], n: int = 8) -> str:
     return head + (f", ... {len(rows) - n} more" if len(rows) > n else "")
 
 
-def _rows_text(bad: list[tuple[int, str]], n: int = 5) -> str:
-    head = "; ".join(f"row {r}: {why}" for r, why in bad[:n])
-    return head + (f"; ... {len(bad) - n} more" if len(bad) > n else "")
+def bad_rows_text(bad: list[tuple[int, str]], n: int = 5) -> str:
+    """Bad rows grouped by reason, the most common first: "5 rows: chosen == rejected (rows 87, 517, ...)"."""
+    groups: dict[str, list[int]] = {}
+    for r, why in bad:
+        groups.setdefault(why, []).append(r)
+    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))  # stable: first seen first among equals
+    parts = [f"row {rows[0]}: {why}" if len(rows) == 1 else f"{len(rows)} rows: {why} (rows {_list_text(rows)})"
+             for why, rows in ordered[:n]]
+    rest = sum(len(rows) for _, rows in ordered[n:])
+    return "; ".join(parts) + (f"; ... {rest} more rows for {len(ordered) - n} other reasons" if rest else "")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -60,43 +68,101 @@ def read_source(src: SourceConfig, recipe: LoadedRecipe | None = None) -> list[d
     return read_file(path)
 
 
+COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+READABLE = ".jsonl, .json, .parquet or .csv (the text ones also compressed as .gz, .bz2 or .xz)"
+
+
+def _kind(path: Path) -> tuple[str, str | None]:
+    """(file type, compression) from the name: data.jsonl.gz -> (".jsonl", "gzip")."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), COMPRESSION[suffixes[-1]]
+    return (suffixes[-1] if suffixes else ""), None
+
+
+def _open_text(path: Path, compression: str | None, newline: str | None = None):
+    # utf-8-sig: a byte-order mark (Windows tools write one) is skipped, not read as part of row 1
+    if compression is None:
+        return path.open(encoding="utf-8-sig", newline=newline)
+    import importlib
+
+    return importlib.import_module(compression).open(path, "rt", encoding="utf-8-sig", newline=newline)
+
+
 def read_file(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
+    suffix, compression = _kind(path)
     try:
         if suffix == ".jsonl":
-            rows = []
-            with path.open(encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-            return rows
+            with _open_text(path, compression) as f:
+                return _json_lines(f, path)
         if suffix == ".json":
-            with path.open(encoding="utf-8") as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg})") from None
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of rows (or JSON lines in a .jsonl file)")
-            return data
-        if suffix == ".parquet":
+            with _open_text(path, compression) as f:
+                text = f.read()
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                if e.msg == "Extra data":  # JSON lines in a .json file, as many Hub datasets ship them
+                    return _json_lines(io.StringIO(text), path)
+                raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg})") from None
+            return json_rows(data, path)
+        if suffix == ".parquet" and compression is None:
             import pyarrow.parquet as pq
 
             return pq.read_table(path).to_pylist()
         if suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
+            with _open_text(path, compression, newline="") as f:
                 return list(csv.DictReader(f))
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except OSError as e:  # also a damaged or mislabelled compressed file (gzip.BadGzipFile, lzma.LZMAError)
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    except EOFError:
+        raise DataError(f"{path}: the compressed file ends early (truncated download?); fetch it again") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
+    name = "".join(path.suffixes[-2:]) if compression else path.suffix
+    raise DataError(f"{path}: unsupported file type {name!r}; use {READABLE}")
+
+
+def _json_lines(f, path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
+    return rows
+
+
+def json_rows(data: Any, path: Path) -> list:
+    """The rows of a parsed JSON document, in every layout pandas' DataFrame.to_json writes.
+
+    records: [{...}, ...]; columns (pandas' default): {"chosen": {"0": ..., "1": ...}, ...};
+    column lists: {"chosen": [...], "rejected": [...]}; index: {"0": {...}, "1": {...}};
+    split: {"columns": [...], "data": [[...], ...]}; table and {"data": [...]}: the rows under "data".
+    """
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict) or not data:
+        raise DataError(f"{path}: expected a JSON list of rows, an object of columns or JSON lines (in a .jsonl file)")
+    if isinstance(data.get("columns"), list) and isinstance(data.get("data"), list) and all(isinstance(r, list) for r in data["data"]):
+        return [dict(zip(data["columns"], r)) for r in data["data"]]
+    if isinstance(data.get("data"), list):
+        return data["data"]
+    values = list(data.values())
+    if all(isinstance(v, list) for v in values):
+        lengths = {k: len(v) for k, v in data.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"{path}: its columns have different lengths ({', '.join(f'{k}: {n}' for k, n in lengths.items())}); "
+                            "every column needs one value per row")
+        return [dict(zip(data, r)) for r in zip(*values)]
+    if all(isinstance(v, dict) for v in values):
+        if all(str(k).isdigit() for k in data):  # index layout: row number -> row
+            return [data[k] for k in sorted(data, key=int)]
+        index = list(dict.fromkeys(i for v in values for i in v))
+        return [{col: data[col].get(i) for col in data} for i in index]
+    raise DataError(f"{path}: expected a JSON list of rows, an object of columns ({{\"chosen\": [...], "
+                    "\"rejected\": [...]}}) or JSON lines (in a .jsonl file)")
 
 
 def _read_hub(src: SourceConfig) -> list[dict]:
@@ -137,7 +203,34 @@ def _sharegpt(msgs: Any) -> list[dict]:
     return [_msg(roles.get(m.get("from"), m.get("from")), m.get("value")) for m in msgs]
 
 
+def _parts(msgs: Any, what: str) -> Any:
+    """Messages whose content is a list of parts ({"type": "text", "text"|"value": ...}, the shape of
+    transformers chat templates, the OpenAI API and LLaMA-Factory) as plain-string messages: the text
+    parts joined without a separator, as those chat templates render them. Anything else is
+    returned as it came, so the formats that were read before are normalised exactly as before."""
+    if not isinstance(msgs, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in msgs):
+        return msgs
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), list):
+            out.append(m)
+            continue
+        texts = []
+        for j, part in enumerate(m["content"]):
+            if isinstance(part, str):
+                texts.append(part)
+                continue
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            text = part.get("text", part.get("value")) if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(text, str):
+                raise _Bad(f"{what}[{i}].content[{j}] is a part of type {kind!r}; only text parts can be trained on")
+            texts.append(text)
+        out.append({"role": m.get("role"), "content": "".join(texts)})
+    return out
+
+
 FORMAT_KEYS = {
+    "messages": ("chosen_messages", "rejected_messages"),
     "openai": ("input", "preferred_output", "non_preferred_output"),
     "sharegpt": ("conversations", "chosen", "rejected"),
     "orca": ("question", "chosen", "rejected"),
@@ -147,8 +240,18 @@ FORMAT_KEYS = {
 }
 
 
+ACCEPTED = (
+    "TRL standard or conversational (prompt, chosen, rejected), implicit prompt (chosen, rejected: full transcripts), "
+    "OpenAI (input, preferred_output, non_preferred_output), Orca (system, question, chosen, rejected), ShareGPT "
+    "(conversations, chosen, rejected), message lists (chosen_messages, rejected_messages, optional prompt_messages); "
+    "message content may be a string or a list of text parts"
+)
+
+
 def detect_format(row: dict) -> str:
     keys = set(row)
+    if {"chosen_messages", "rejected_messages"} <= keys:
+        return "messages"
     if {"input", "preferred_output", "non_preferred_output"} <= keys:
         return "openai"
     if {"conversations", "chosen", "rejected"} <= keys:
@@ -188,10 +291,16 @@ def _need_str(row: dict, key: str) -> str:
 def _to_pair(fmt: str, row: dict) -> dict:
     from trl.data_utils import extract_prompt
 
+    if fmt == "messages":  # LLaMA-Factory's chosen_messages / rejected_messages (full transcripts)
+        chosen, rejected = _parts(row["chosen_messages"], "chosen_messages"), _parts(row["rejected_messages"], "rejected_messages")
+        if row.get("prompt_messages") is not None:
+            return {"prompt": _parts(row["prompt_messages"], "prompt_messages"), "chosen": chosen, "rejected": rejected}
+        return _to_pair("implicit", {"chosen": chosen, "rejected": rejected})
     if fmt == "openai":
         inp = row["input"]
         prompt = inp.get("messages") if isinstance(inp, dict) else None
-        return {"prompt": prompt, "chosen": row["preferred_output"], "rejected": row["non_preferred_output"]}
+        return {"prompt": _parts(prompt, "input.messages"), "chosen": _parts(row["preferred_output"], "preferred_output"),
+                "rejected": _parts(row["non_preferred_output"], "non_preferred_output")}
     if fmt == "orca":
         prompt = [_msg("user", _need_str(row, "question"))]
         if row.get("system"):
@@ -210,10 +319,10 @@ def _to_pair(fmt: str, row: dict) -> dict:
             "rejected": [_msg("assistant", _need_str(row, "rejected"))],
         }
     if fmt == "conversational":
-        chosen, rejected = row["chosen"], row["rejected"]
+        chosen, rejected = _parts(row["chosen"], "chosen"), _parts(row["rejected"], "rejected")
         if not isinstance(rejected, list):
             raise _Bad("`chosen` is a message list but `rejected` is not")
-        prompt = row["prompt"]
+        prompt = _parts(row["prompt"], "prompt")
         # UltraFeedback binarized: a prompt string and full transcripts that repeat it.
         if isinstance(prompt, str):
             ex = extract_prompt({"chosen": chosen, "rejected": rejected})
@@ -231,6 +340,7 @@ def _to_pair(fmt: str, row: dict) -> dict:
                 raise _Bad("chosen and rejected share no common prompt prefix")
             return ex
         if isinstance(chosen, list) and isinstance(rejected, list):
+            chosen, rejected = _parts(chosen, "chosen"), _parts(rejected, "rejected")
             short, long_ = sorted((chosen, rejected), key=len)
             if chosen != rejected and long_[: len(short)] == short:
                 raise _Bad("one transcript is a prefix of the other, so there is no point where the prompt ends")
@@ -239,10 +349,7 @@ def _to_pair(fmt: str, row: dict) -> dict:
                 raise _Bad("chosen and rejected transcripts share no prompt messages")
             return ex
         raise _Bad("`chosen` and `rejected` must both be strings or both message lists")
-    raise _Bad(
-        "unrecognised format: expected prompt/chosen/rejected, chosen/rejected transcripts, "
-        "input/preferred_output/non_preferred_output, question/chosen/rejected or conversations/chosen/rejected"
-    )
+    raise _Bad("unrecognised format")
 
 
 def _check_pair(pair: dict) -> str | None:
@@ -290,6 +397,8 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe, max_bad_fracti
         valid = 0
         results = [normalise(r) for r in raw]
         rep.formats.update(fmt for fmt, _, _ in results if fmt != "unknown")
+        if raw and not rep.formats:
+            raise DataError(f"{src.label}: unrecognised format: {_first_keys(raw)}. lora-sdpo reads: {ACCEPTED}")
         main_fmt = rep.formats.most_common(1)[0][0] if rep.formats else None
         for n, (r, (fmt, pair, problem)) in enumerate(zip(raw, results), 1):
             if problem:
@@ -315,12 +424,19 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe, max_bad_fracti
         if len(rep.bad) > max_bad_fraction * rep.total:
             raise DataError(
                 f"{src.label}: {len(rep.bad)} of {rep.total} rows are bad, more than data.max_bad_fraction = "
-                f"{max_bad_fraction}: {_rows_text(rep.bad)}. Fix the rows or raise data.max_bad_fraction."
+                f"{max_bad_fraction}: {bad_rows_text(rep.bad)}. Fix the rows or raise data.max_bad_fraction."
             )
         if rep.used == 0:
-            raise DataError(f"{src.label}: no usable pairs ({_rows_text(rep.bad)})")
+            raise DataError(f"{src.label}: no usable pairs ({bad_rows_text(rep.bad)})")
         reports.append(rep)
     return PairSet(rows=rows, reports=reports)
+
+
+def _first_keys(raw: list) -> str:
+    first = raw[0]
+    if not isinstance(first, dict):
+        return f"row 1 is a JSON {type(first).__name__}, not an object of fields"
+    return f"row 1 has the keys {', '.join(map(str, first)) or '(none)'}"
 
 
 def load_step_pairs(recipe: LoadedRecipe, index: int) -> PairSet:
@@ -363,6 +479,7 @@ class RunData:
     steps: list[PairSet]
     overlong: list[str]  # "source row N" of pairs dropped because the prompt fills max_length
     eval: PairSet | None
+    audit: Any = None  # audit.Audit: what the steps and the held-out set share
 
 
 def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
@@ -386,7 +503,11 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
     ev = load_eval_pairs(recipe)
     if ev is not None:
         ev, _ = drop_overlong(ev, tokenizer, t.max_length, frac)
-    return RunData(steps=steps, overlong=overlong, eval=ev)
+    from .audit import audit
+
+    found = audit([ps.rows for ps in steps], ev.rows if ev else None, d.allow_eval_overlap)
+    found.check()  # a held-out set that overlaps the steps is refused here, before anything is written
+    return RunData(steps=steps, overlong=overlong, eval=ev, audit=found)
 
 
 def write_pairs(pairs: PairSet, path: Path) -> None:

@@ -8,7 +8,9 @@ trained on that data (the paper's M_2 case). The numbers here go through the sam
 
 from __future__ import annotations
 
+import math
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -31,13 +33,75 @@ def gammas(model, tokenized: list[dict], tokenizer, max_length: int, batch_size:
 
 def stats(g: torch.Tensor) -> dict:
     xs = [float(x) for x in g]
+    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
     return {
         "n": len(xs),
         "mean": statistics.fmean(xs) if xs else None,
         "median": statistics.median(xs) if xs else None,
-        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "std": std,
+        "se": std / math.sqrt(len(xs)) if len(xs) > 1 else None,  # standard error of the mean
         "frac_positive": sum(x > 0 for x in xs) / len(xs) if xs else None,
     }
+
+
+# ----------------------------------------------------------------------------- the gamma matrix's per-pair values
+# Each row of the gamma matrix (S, M_1, ...) keeps its per-pair gammas, one tensor per dataset
+# (the first diagnostics.gamma_sample pairs of D_t, in the order of step-t/data/pairs.jsonl, and of
+# the eval data), so that a report can rebuild every statistic, the paired ones included, without a model.
+GAMMA_DIR = "gamma"
+
+
+def gamma_file(root: Path, model: str) -> Path:
+    return Path(root) / GAMMA_DIR / f"{model}.safetensors"
+
+
+def save_gammas(path: Path, per_dataset: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    from .rundir import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.detach().float().contiguous() for k, v in per_dataset.items()}))
+
+
+def load_gammas(root: Path, model: str) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    path = gamma_file(root, model)
+    return load_file(path) if path.is_file() else None
+
+
+def paired_difference(g_ref: torch.Tensor, g_base: torch.Tensor) -> dict:
+    """gamma_ref - gamma_base on the same pairs: mean, its standard error, and the share of pairs above 0.
+
+    Pairing removes what the two models share (how hard each pair is), which is most of gamma's
+    spread; the standard error of the difference is what says whether one reference is stricter.
+    """
+    if len(g_ref) != len(g_base):
+        raise ValueError(f"paired difference of {len(g_ref)} and {len(g_base)} pairs; both need the same pairs")
+    d = [float(a) - float(b) for a, b in zip(g_ref, g_base)]
+    n = len(d)
+    return {
+        "n": n,
+        "mean": statistics.fmean(d) if d else None,
+        "se": statistics.stdev(d) / math.sqrt(n) if n > 1 else None,
+        "frac_positive": sum(x > 0 for x in d) / n if d else None,
+    }
+
+
+def paired_differences(root: Path, manifest: dict) -> list[dict]:
+    """For every step t: the paper's comparison, gamma of the step's reference M_{t-1} minus gamma of S on D_t's
+    sample (for t = 1 the reference is S itself). From the per-pair files; missing ones give no numbers."""
+    base = load_gammas(root, "S")
+    out = []
+    for s in manifest["steps"]:
+        t = s["index"]
+        ref = "S" if t == 1 else f"M_{t - 1}"
+        entry = {"step": t, "reference": ref, "data": f"D_{t}"}
+        g_ref = base if t == 1 else load_gammas(root, ref)
+        if t > 1 and base is not None and g_ref is not None and entry["data"] in base and entry["data"] in g_ref:
+            entry.update(paired_difference(g_ref[entry["data"]], base[entry["data"]]))
+        out.append(entry)
+    return out
 
 
 def compare(g_model: torch.Tensor, g_against: torch.Tensor) -> dict:

@@ -88,9 +88,14 @@ def is_run_dir(path: str) -> bool:
 def model_target(location: str, adapter: str | None) -> Target:
     from .hub import local_model_dir
 
+    from .locations import no_model_folder
+
     p = Path(location)
-    if not p.exists() and (p.is_absolute() or location.startswith(".") or location.count("/") > 1):
-        raise EvalError(f"model {location}: no such folder, and not a Hub id (OWNER/NAME)")
+    problem = no_model_folder(location)
+    if problem:
+        raise EvalError(problem)
+    if not p.exists() and location.count("/") > 1:
+        raise EvalError(f"no model folder at {location}, and not a Hub id (OWNER/NAME)")
     folder = local_model_dir(location)
     if not (folder / "config.json").is_file():
         raise EvalError(f"model {folder}: no config.json; give a model folder (safetensors + config), a Hub id or a run directory")

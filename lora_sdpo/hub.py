@@ -21,6 +21,7 @@ from typing import Callable
 
 from .errors import ModelError, UserError
 from .export import MARKER, ExportPlan, plan_export, write_export
+from .locations import no_model_folder
 
 # Never uploaded, whatever a folder or marker says: pickles can run code when loaded, caches and
 # checkpoints are bulky and may hold the training data.
@@ -42,9 +43,12 @@ def local_model_dir(location: str, revision: str | None = None) -> Path:
 
     Lives here, not in run.py, so that `merge` and `push` need not import the training stack.
     """
-    p = Path(location)
+    p = Path(location).expanduser()
     if p.is_dir():
         return check_safetensors(p.resolve())
+    problem = no_model_folder(location)
+    if problem:
+        raise ModelError(problem)
     from huggingface_hub import snapshot_download
 
     try:

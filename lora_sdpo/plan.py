@@ -225,6 +225,25 @@ def backbone_tokens(lens: list[tuple[int, int, int]], max_length: int, batch: in
     return packed / len(rows), padded / len(rows)
 
 
+def overlap_lines(steps_data: list, ev, allow_eval_overlap: bool, exact_members: bool = True) -> list[str]:
+    """The overlap audit as `run` makes it before writing anything (lora_sdpo.audit); a held-out set
+    that overlaps a step is refused here too. Steps that cannot be read here are left out."""
+    from .audit import audit
+
+    known = [ps for ps in steps_data if ps is not None]
+    if not known:
+        return []
+    found = audit([ps.rows if ps is not None else None for ps in steps_data], ev.rows if ev else None, allow_eval_overlap)
+    found.check()
+    lines = [f"warning: {w}" for w in found.warnings()]
+    if not found.overlaps:
+        lines.append(f"overlap audit: no pair or prompt shared between {'the steps' if len(known) > 1 else 'the step'}"
+                     + (" and the held-out set" if ev else ""))
+    if not exact_members and found.between_steps:
+        lines.append("  (curriculum split: the steps' members are fixed when the run starts; the run audits them again)")
+    return lines
+
+
 def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
     cfg = recipe.recipe
     plan = Plan()
@@ -316,10 +335,14 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
     try:
         ev = load_eval_pairs(recipe)
     except DataError as e:
+        if not any(s.dataset for s in cfg.data.eval):  # a local file's problem is the user's to fix, as run says
+            raise
         plan.unreachable.append(f"eval data: {e}")
         ev = None
     if ev is not None:
         plan.add(f"held-out eval: {len(ev.rows)} pairs ({'; '.join(r.summary() for r in ev.reports)})")
+    for line in overlap_lines(steps_data, ev, cfg.data.allow_eval_overlap, exact_members=split != "curriculum"):
+        plan.add(line)
     plan.add("")
     if config is not None and "hidden_size" in config:
         lora = lora_parameter_count(config, a)

@@ -37,7 +37,7 @@ def summary_rows(manifest: dict) -> list[list[str]]:
                 _fmt(s["first_loss"], 4),
                 _fmt(s["last_loss"], 4),
                 _fmt(s["reward_accuracy"], 2),
-                _fmt(s["gamma_ref_mean"], 2),
+                gamma_ref_text(s),
                 retention_text(s),
                 f"{s['timings']['total']:.0f}s",
             ]
@@ -45,7 +45,20 @@ def summary_rows(manifest: dict) -> list[list[str]]:
     return rows
 
 
-SUMMARY_HEADER = ["step", "reference", "pairs", "first loss", "last loss", "reward acc", "gamma_ref", "retention", "time"]
+SUMMARY_HEADER = ["step", "reference", "pairs", "first loss", "last loss", "reward acc", "gamma_ref ± s.e. (n)", "retention", "time"]
+
+
+def _pm(mean, se, digits=2) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def gamma_ref_text(step: dict) -> str:
+    """The reference's mean gamma over all of D_t (TRL's reference pass covers every pair), its s.e. and n."""
+    n, mean, std = step.get("rows"), step.get("gamma_ref_mean"), step.get("gamma_ref_std")
+    se = std / n**0.5 if std is not None and n and n > 1 else None
+    return f"{_pm(mean, se)} (n={n})"
 
 
 SETTINGS_SHOWN = ("loss_type", "beta", "learning_rate", "num_train_epochs", "warmup_ratio", "lr_scheduler_type")
@@ -70,11 +83,52 @@ def _fmt_setting(v) -> str:
 
 
 def matrix_table(manifest: dict) -> tuple[list[str], list[list[str]]]:
+    """Mean ± standard error of each model's gamma on each dataset's sample; a contaminated eval says so."""
+    from .audit import contamination_note
+
     gm = manifest.get("gamma_matrix") or {}
     rows = gm.get("rows") or {}
     data = list(gm.get("sample") or {})
-    out = [[model] + [_fmt((rows[model].get(d) or {}).get("mean"), 2) for d in data] for model in rows]
-    return ["model"] + [f"{d} (n={gm['sample'][d]})" for d in data], out
+    out = [[model] + [_pm((rows[model].get(d) or {}).get("mean"), (rows[model].get(d) or {}).get("se")) for d in data]
+           for model in rows]
+    dirty = contamination_note(manifest) is not None
+    return ["model"] + [f"{d} (n={gm['sample'][d]}{', CONTAMINATED' if d == 'eval' and dirty else ''})" for d in data], out
+
+
+PAIRED_HEADER = ["step", "reference", "data", "n", "gamma_ref - gamma_S ± s.e.", "share > 0"]
+
+
+def paired_table(paired: list[dict]) -> list[list[str]]:
+    rows = []
+    for p in paired:
+        if p["step"] == 1:
+            cells = ["-", "0 (the reference is S)", "-"]
+        elif p.get("n") is None:
+            cells = ["-", "n/a (no per-pair gammas)", "-"]
+        else:
+            cells = [str(p["n"]), _pm(p["mean"], p["se"]), _fmt(p["frac_positive"], 2)]
+        rows.append([str(p["step"]), p["reference"], p["data"], *cells])
+    return rows
+
+
+def overlap_section(manifest: dict) -> list[str]:
+    """The overlap audit of the run (lora_sdpo.audit), as recorded in the manifest."""
+    ov = manifest.get("overlap")
+    if ov is None:
+        return []
+    lines = ["\n## Data overlap\n"]
+    if not ov["overlaps"]:
+        return lines + ["No pair and no prompt is shared between any two steps, or between a step and the held-out set "
+                        "(normalised pairs compared by hash).\n"]
+    lines.append(_md_table(["data", "also in", "same pairs", "same prompt, other completions", "first rows (this = there)"], [
+        [o["b"], o["a"], str(o["exact"]), str(o["prompt"]),
+         "; ".join(f"{b} = {a}" for b, a in (o["exact_rows"] + o["prompt_rows"])[:3])] for o in ov["overlaps"]]))
+    from .audit import contamination_note
+
+    note = contamination_note(manifest)
+    lines.append("\nA step whose data overlaps an earlier step's has a reference that trained on those pairs (Kim et al. "
+                 "2024, sec. 4.2)." + (f" **{note}**: its column measures pairs a model trained on." if note else "") + "\n")
+    return lines
 
 
 def tokens_section(manifest: dict) -> list[str]:
@@ -143,8 +197,9 @@ def plot_curves(run: RunDir, manifest: dict, path: Path) -> bool:
     return True
 
 
-def plot_matrix(manifest: dict, path: Path) -> bool:
-    """Mean gamma of each reference on each dataset (paper Fig. 2) as a heatmap."""
+def plot_matrix(manifest: dict, path: Path, paired: list[dict] | None = None) -> bool:
+    """Mean gamma ± s.e. of each reference on each dataset (paper Fig. 2) as a heatmap, and below it
+    the paired differences M_{t-1} - S on D_t with their standard errors."""
     header, rows = matrix_table(manifest)
     if not rows:
         return False
@@ -155,17 +210,32 @@ def plot_matrix(manifest: dict, path: Path) -> bool:
 
     gm = manifest["gamma_matrix"]
     models, data = list(gm["rows"]), list(gm["sample"])
-    values = [[(gm["rows"][m].get(d) or {}).get("mean") or 0.0 for d in data] for m in models]
-    fig, ax = plt.subplots(figsize=(2.4 + 1.4 * len(data), 1.4 + 0.6 * len(models)))
-    im = ax.imshow(values, cmap="RdBu", aspect="auto", vmin=-max(abs(v) for r in values for v in r) or -1,
-                   vmax=max(abs(v) for r in values for v in r) or 1)
-    ax.set_xticks(range(len(data)), data)
+    cells = [[gm["rows"][m].get(d) or {} for d in data] for m in models]
+    values = [[c.get("mean") or 0.0 for c in r] for r in cells]
+    paired = [p for p in (paired or []) if p.get("n")]
+    width = 2.4 + 1.6 * len(data)
+    if paired:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(width, 2.6 + 0.6 * len(models) + 0.4 * len(paired)),
+                                      gridspec_kw={"height_ratios": [len(models) + 1, len(paired) + 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(width, 1.4 + 0.6 * len(models)))
+    top = max(abs(v) for r in values for v in r) or 1
+    im = ax.imshow(values, cmap="RdBu", aspect="auto", vmin=-top, vmax=top)
+    labels = header[1:]
+    ax.set_xticks(range(len(data)), labels, fontsize=8)
     ax.set_yticks(range(len(models)), models)
-    for i, r in enumerate(values):
-        for j, v in enumerate(r):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=9)
+    for i, r in enumerate(cells):
+        for j, c in enumerate(r):
+            ax.text(j, i, _pm(c.get("mean"), c.get("se"), 1), ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="mean gamma")
-    ax.set_title("mean gamma = log p(chosen) - log p(rejected)", fontsize=10)
+    ax.set_title("mean gamma ± s.e. = log p(chosen) - log p(rejected)", fontsize=10)
+    if paired:
+        ys = range(len(paired))
+        ax2.errorbar([p["mean"] for p in paired], ys, xerr=[p["se"] or 0.0 for p in paired], fmt="o", capsize=4)
+        ax2.axvline(0, color="grey", lw=0.8, ls="--")
+        ax2.set_yticks(ys, [f"step {p['step']}: {p['reference']} - S on {p['data']} (n={p['n']})" for p in paired], fontsize=8)
+        ax2.set_xlabel("paired difference of gamma, mean ± 1 s.e.", fontsize=9)
+        ax2.invert_yaxis()
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)
@@ -209,8 +279,11 @@ def build_report(root: Path) -> Path:
         from .errors import RunError
 
         raise RunError(f"{root}: no manifest.json; not a lora-sdpo run directory")
+    from .diagnostics import paired_differences
+
     curves = plot_curves(run, manifest, run.root / "curves.png")
-    heat = plot_matrix(manifest, run.root / "gamma_matrix.png")
+    paired = paired_differences(run.root, manifest) if manifest.get("gamma_matrix") else []
+    heat = plot_matrix(manifest, run.root / "gamma_matrix.png", paired)
     parts = [
         f"# sDPO run report\n\nRecipe: `recipe.toml` (settings sha256 `{manifest['recipe_sha256'][:12]}`), base model "
         f"`{manifest['base_model']}`, status **{manifest['status']}**.\n",
@@ -218,8 +291,9 @@ def build_report(root: Path) -> Path:
         _md_table(SUMMARY_HEADER, summary_rows(manifest)),
         "\nfirst loss: the DPO loss of the first optimizer update (for the sigmoid loss ln 2 = 0.6931 when the "
         "reference is the step's starting model). reward acc: TRL's reward accuracy averaged over the last quarter of the step's updates. "
-        "gamma_ref: mean gamma of the step's reference on all of D_t. retention: the share of the "
-        "adapter's gamma gain kept by NF4(M_t) after the merge.\n",
+        "gamma_ref: mean gamma of the step's reference over all n pairs of D_t (TRL's reference pass), ± its standard "
+        "error; the gamma matrix below measures the same reference on only the first pairs of D_t (its n), so the two "
+        "differ by sampling. retention: the share of the adapter's gamma gain kept by NF4(M_t) after the merge.\n",
     ]
     for s in manifest["steps"]:
         if s.get("status") == "done":
@@ -234,12 +308,27 @@ def build_report(root: Path) -> Path:
         parts += [
             "\n## Reference diagnostics: mean gamma of each model on each dataset\n",
             _md_table(header, rows),
-            "\nThe paper (Kim et al. 2024, Fig. 2) expects the reference's gamma on the next step's data to rise step "
+            "\nMean ± standard error over the first n pairs of each dataset (diagnostics.gamma_sample). The paper "
+            "(Kim et al. 2024, Fig. 2) expects the reference's gamma on the next step's data to rise step "
             "by step, and a model's gamma on data it trained on to be far higher (a reference that saw the data).\n",
         ]
+        from .audit import contamination_note
+
+        if contamination_note(manifest):
+            parts.append(f"**{contamination_note(manifest)}**: that column is not a held-out measurement.\n")
+        if len(paired) > 1:
+            parts += [
+                "\n### Each step's reference against S, on the same pairs\n",
+                _md_table(PAIRED_HEADER, paired_table(paired)),
+                "\nThe paper's comparison (Fig. 2): gamma of step t's reference M_{t-1} minus gamma of S, pair by pair on "
+                "D_t's sample. Pairing removes what the two models share (how hard each pair is), most of gamma's "
+                "spread, so its standard error is far smaller than the cells'. share > 0: the pairs where the reference "
+                "sets the stricter bound.\n",
+            ]
         if heat:
             parts.append("![gamma matrix](gamma_matrix.png)\n")
     parts += tokens_section(manifest)
+    parts += overlap_section(manifest)
     parts += eval_section(manifest)
     from .samples import report_section
 
@@ -262,9 +351,21 @@ def print_summary(manifest: dict, console) -> None:
     console.print(table)
     header, rows = matrix_table(manifest)
     if rows:
-        mt = Table(title="mean gamma of each model on each dataset")
+        mt = Table(title="mean gamma ± s.e. of each model on each dataset")
         for h in header:
             mt.add_column(h, justify="right")
         for r in rows:
             mt.add_row(*r)
         console.print(mt)
+        from .audit import contamination_note
+
+        if contamination_note(manifest):
+            console.print(f"[yellow]{contamination_note(manifest)}[/]", soft_wrap=True)
+    paired = (manifest.get("gamma_matrix") or {}).get("paired")
+    if rows and paired and len(paired) > 1:
+        pt = Table(title="each step's reference minus S, paired on D_t's sample")
+        for h in PAIRED_HEADER:
+            pt.add_column(h, justify="right")
+        for r in paired_table(paired):
+            pt.add_row(*r)
+        console.print(pt)

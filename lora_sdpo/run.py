@@ -123,6 +123,9 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
                 log(f"warning: step {i}: {rep.summary()}")
     if data.overlong:
         log(f"warning: {len(data.overlong)} pairs dropped, their prompt fills training.max_length: {', '.join(data.overlong[:5])}")
+    for w in data.audit.warnings():
+        log(f"warning: {w}")
+    manifest["overlap"] = data.audit.to_dict()
     manifest["split"] = recipe.recipe.data.split
     manifest["dropped_overlong"] = data.overlong
     k = recipe.recipe.diagnostics.gamma_sample
@@ -136,6 +139,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
 
         ctx.sample_log = for_run(run.root, recipe, data.eval)
     manifest.setdefault("gamma_matrix", {"sample": {name: len(rows) for name, rows in samples.items()}, "rows": {}})
+    manifest["gamma_matrix"]["per_pair"] = "gamma/<row>.safetensors"  # one tensor per dataset, the sample's order
     ctx.matrix_rows_done = set(manifest["gamma_matrix"]["rows"])
 
     def save_rows(rows: dict) -> None:
@@ -206,6 +210,9 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         run.write_manifest(manifest)
         log(step_summary(entry, n))
         faults.point("done")
+    from .diagnostics import paired_differences
+
+    manifest["gamma_matrix"]["paired"] = paired_differences(run.root, manifest)
     manifest["status"] = "done"
     run.write_manifest(manifest)
     distributed.barrier()

@@ -29,7 +29,7 @@ from trl import DPOConfig, DPOTrainer
 from . import distributed, faults, pairs
 from .tracking import StepTracking
 from .data import PairSet, write_pairs
-from .diagnostics import gammas, stats
+from .diagnostics import gamma_file, gammas, save_gammas, stats
 from .errors import DataError, RunError
 from .merge import merge_lora
 from .model import lora_config, load_base, sequence_logps
@@ -53,11 +53,14 @@ class StepContext:
     save_matrix_rows: Callable[[dict], None] = lambda rows: None
     sample_log: object = None  # samples.SampleLog: what S and each M_t write, for the report (None: off)
 
-    def gamma_row(self, model) -> dict[str, dict]:
-        """One row of the gamma matrix: the model's gamma statistics on every dataset's sample."""
+    def gamma_row(self, model, label: str) -> dict[str, dict]:
+        """One row of the gamma matrix: the model's gamma statistics on every dataset's sample; its
+        per-pair gammas go to gamma/LABEL.safetensors, from which reports rebuild the paired differences."""
         t = self.recipe.recipe.training
-        return {name: stats(gammas(model, rows, self.tokenizer, t.max_length, prefix_sharing=t.prefix_sharing))
-                for name, rows in self.samples.items()}
+        per_pair = {name: gammas(model, rows, self.tokenizer, t.max_length, prefix_sharing=t.prefix_sharing)
+                    for name, rows in self.samples.items()}
+        save_gammas(gamma_file(self.run.root, label), per_pair)
+        return {name: stats(g) for name, g in per_pair.items()}
 
 
 class JsonlMetrics(TrainerCallback):
@@ -383,7 +386,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
     timings["retention"] = timings.get("retention", 0.0) + time.perf_counter() - t
     if cfg.diagnostics.gamma_matrix:
         t = time.perf_counter()
-        matrix[f"M_{index}"] = ctx.gamma_row(merged)
+        matrix[f"M_{index}"] = ctx.gamma_row(merged, f"M_{index}")
         timings["diagnostics"] = timings.get("diagnostics", 0.0) + time.perf_counter() - t
     if ctx.sample_log is not None:
         timings["samples"] = timings.get("samples", 0.0) + ctx.sample_log.record(f"M_{index}", merged, ctx.tokenizer)
@@ -511,9 +514,9 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
         t = time.perf_counter()
         if ref_model is None:
             with trainer.model.disable_adapter():  # exactly S
-                matrix["S"] = ctx.gamma_row(trainer.model)
+                matrix["S"] = ctx.gamma_row(trainer.model, "S")
         else:
-            matrix["S"] = ctx.gamma_row(ref_model)
+            matrix["S"] = ctx.gamma_row(ref_model, "S")
         timings["diagnostics"] = time.perf_counter() - t
         ctx.save_matrix_rows(matrix)
     if index == 1 and distributed.is_main() and ctx.sample_log is not None and ctx.sample_log.wanted("S"):

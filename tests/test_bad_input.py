@@ -229,7 +229,7 @@ def test_mixed_formats_in_one_source(tmp_path, good_rows):
 def test_step_left_empty(tmp_path):
     rows = [{"question": f"Q{i}", "chosen": "same", "rejected": "same"} for i in range(3)]
     result, data, out = run_with(tmp_path, rows, extra="[data]\nmax_bad_fraction = 1.0")
-    assert_refused(result, str(data), "no usable pairs", "row 1: chosen == rejected", output=out)
+    assert_refused(result, str(data), "no usable pairs", "3 rows: chosen == rejected (rows 1, 2, 3)", output=out)
 
 
 def test_prompts_that_fill_max_length(tmp_path, good_rows):
@@ -241,7 +241,7 @@ def test_prompts_that_fill_max_length(tmp_path, good_rows):
 def test_many_bad_rows_are_counted(tmp_path, good_rows):
     bad = [{"question": f"Q{i}", "chosen": "x", "rejected": "x"} for i in range(9)]
     result, data, out = run_with(tmp_path, good_rows + bad)
-    assert_refused(result, "9 of 13 rows are bad", "row 5: chosen == rejected", "... 4 more", output=out)
+    assert_refused(result, "9 of 13 rows are bad", "9 rows: chosen == rejected (rows 5, 6, 7, 8, 9, 10, 11, 12, ... 1 more)", output=out)
 
 
 def test_duplicates_counted_dropped_and_warned(tmp_path, good_rows):

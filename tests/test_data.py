@@ -82,7 +82,7 @@ def test_shipped_files_load_with_row_numbers(tmp_path):
 def test_too_many_bad_rows_refused_with_rows(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "a"}] * 2 + [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     rec = load_recipe(ROOT / "recipes" / "quickstart.toml")
-    with pytest.raises(DataError, match=r"2 of 3 rows are bad.*row 1: chosen == rejected"):
+    with pytest.raises(DataError, match=r"2 of 3 rows are bad.*2 rows: chosen == rejected \(rows 1, 2\)"):
         load_pairs([SourceConfig(path=str(f))], rec, max_bad_fraction=0.01)
 
 

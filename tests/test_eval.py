@@ -162,7 +162,7 @@ def test_a_group_scored_as_the_unweighted_mean_of_its_tasks():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["eval", "/no/such/model", "--tasks", "science_mc"], "no such folder"),
+    (["eval", "/no/such/model", "--tasks", "science_mc"], "no model folder at /no/such/model"),
     (["eval", str(MODEL), "--tasks", "arc_chalenge"], "unknown lm-eval task arc_chalenge (did you mean arc_challenge"),
     (["eval", str(MODEL), "--tasks", "science_mc", "--include", "/no/such/dir"], "--include /no/such/dir: no such folder"),
     (["eval", str(MODEL), "--tasks", "science_mc:five"], "NAME:SHOTS"),
