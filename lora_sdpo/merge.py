@@ -23,7 +23,6 @@ B @ A and is refused by name.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -166,9 +165,7 @@ def load_lora(adapter_dir: Path) -> tuple[dict, dict[str, WeightOp]]:
 
 def nf4_roundtrip(w: torch.Tensor, double_quant: bool = True) -> torch.Tensor:
     """dequant(NF4(w)): the weight a QLoRA adapter saw in training (quantised from float32, as lora-sdpo loads it)."""
-    # bitsandbytes warns at import that an optional Hub-downloaded CPU kernel is missing; its
-    # built-in quantiser is what the adapter saw, so the warning is noise here.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # (bitsandbytes' missing-kernels line is dropped at its source, lora_sdpo/noise.py; its other warnings stay)
     import bitsandbytes.functional as bnbf
 
     q, state = bnbf.quantize_4bit(w.to(torch.float32), blocksize=64, compress_statistics=double_quant, quant_type="nf4")

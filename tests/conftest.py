@@ -148,13 +148,18 @@ def cli(*args: str, check: bool = True, timeout: int = 900, env: dict | None = N
     return proc
 
 
+def fixture_recipe(folder: Path, data_dir: Path, held_out: Path, extra: str = "") -> Path:
+    """The recipe of the shared two-step run (its held-out file `held_out`), with `extra` TOML after it."""
+    return write_recipe(folder, data_dir, extra=f'samples = 2\nsample_tokens = 16\n\n[[data.eval]]\npath = "{held_out}"\n' + extra)
+
+
 @pytest.fixture(scope="session")
 def two_step_run(tmp_path_factory, data_dir) -> Path:
     """One real two-step sDPO run through the CLI, shared by the invariant tests."""
     folder = tmp_path_factory.mktemp("two_step")
     # Held-out pairs: the gamma matrix's eval column and the report's samples (2 prompts, 16 tokens).
     held_out = write_jsonl(folder / "eval.jsonl", short_rows(ROOT / "data" / "ultrafeedback" / "eval_clean.jsonl", 4))
-    recipe = write_recipe(folder, data_dir, extra=f'samples = 2\nsample_tokens = 16\n\n[[data.eval]]\npath = "{held_out}"\n')
+    recipe = fixture_recipe(folder, data_dir, held_out)
     out = folder / "run"
     cli("run", str(recipe), "--output", str(out))
     return out

@@ -106,7 +106,7 @@ def test_prompts_file_formats(tmp_path):
     (["generate", str(MODEL)], "no prompt: give --prompt TEXT"),
     (["generate", str(MODEL), "--prompts", "/no/such.txt"], "--prompts /no/such.txt: no such file"),
     (["generate", str(MODEL), "--prompt", "x", "--step", "1"], "--step applies to a run directory"),
-    (["generate", "/no/such/model", "--prompt", "x"], "no such folder"),
+    (["generate", "/no/such/model", "--prompt", "x"], "no model folder at /no/such/model"),
 ])
 def test_generate_bad_input(args, message):
     res = _invoke(*args)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, cli_env, write_recipe
+from conftest import cli, cli_env, fixture_recipe, write_recipe
 from lora_sdpo.rundir import verify_files
 
 FINAL = ("step-1/adapter/adapter_model.safetensors", "step-2/adapter/adapter_model.safetensors", "step-2/model/model.safetensors")
@@ -123,7 +123,7 @@ def test_a_damaged_finished_step_is_redone(tmp_path, data_dir, two_step_run):
     data = bytearray(f.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte in M_2
     f.write_bytes(bytes(data))
-    proc = cli("run", str(write_recipe(tmp_path, data_dir)), "--output", str(out))
+    proc = cli("run", str(fixture_recipe(tmp_path, data_dir, two_step_run.parent / "eval.jsonl")), "--output", str(out))
     assert "step 1/2: done earlier, skipped (files verified" in proc.stdout
     assert "step-2/model/model.safetensors does not match the manifest's sha256" in proc.stdout
     assert "redoing step 2" in proc.stdout
@@ -134,14 +134,15 @@ def test_resume_refuses_a_changed_recipe_and_says_what_changed(tmp_path, data_di
     out = tmp_path / "run"
     shutil.copytree(two_step_run, out)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    recipe = write_recipe(tmp_path, data_dir, extra="\n[data]\nmax_bad_fraction = 0.02\n")
+    held_out = two_step_run.parent / "eval.jsonl"
+    recipe = fixture_recipe(tmp_path, data_dir, held_out, extra="\n[data]\nmax_bad_fraction = 0.02\n")
     proc = cli("run", str(recipe), "--output", str(out), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "holds a run of a different recipe (changed: recipe.data.max_bad_fraction: 0.01 -> 0.02)" in proc.stderr
     assert "--restart" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     # a comment is not a change
-    plain = write_recipe(tmp_path, data_dir)
+    plain = fixture_recipe(tmp_path, data_dir, held_out)
     plain.write_text("# a comment\n" + plain.read_text())
     assert "done earlier, skipped" in cli("run", str(plain), "--output", str(out)).stdout
 
