@@ -340,32 +340,26 @@ def build_report(root: Path) -> Path:
     return path
 
 
-def print_summary(manifest: dict, console) -> None:
+def _rich_table(title: str, header: list[str], rows: list[list[str]]):
     from rich.table import Table
 
-    table = Table(title="sDPO steps")
-    for h in SUMMARY_HEADER:
+    table = Table(title=title)
+    for h in header:
         table.add_column(h, justify="right")
-    for r in summary_rows(manifest):
+    for r in rows:
         table.add_row(*r)
-    console.print(table)
+    return table
+
+
+def print_summary(manifest: dict, console) -> None:
+    console.print(_rich_table("sDPO steps", SUMMARY_HEADER, summary_rows(manifest)))
     header, rows = matrix_table(manifest)
     if rows:
-        mt = Table(title="mean gamma ± s.e. of each model on each dataset")
-        for h in header:
-            mt.add_column(h, justify="right")
-        for r in rows:
-            mt.add_row(*r)
-        console.print(mt)
+        console.print(_rich_table("mean gamma ± s.e. of each model on each dataset", header, rows))
         from .audit import contamination_note
 
         if contamination_note(manifest):
             console.print(f"[yellow]{contamination_note(manifest)}[/]", soft_wrap=True)
     paired = (manifest.get("gamma_matrix") or {}).get("paired")
     if rows and paired and len(paired) > 1:
-        pt = Table(title="each step's reference minus S, paired on D_t's sample")
-        for h in PAIRED_HEADER:
-            pt.add_column(h, justify="right")
-        for r in paired_table(paired):
-            pt.add_row(*r)
-        console.print(pt)
+        console.print(_rich_table("each step's reference minus S, paired on D_t's sample", PAIRED_HEADER, paired_table(paired)))
