@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import DataError
 from .formats import ACCEPTED, FORMAT_KEYS, Bad, apply_columns, detect_format, normalise, split_inside  # noqa: F401
-from .readers import json_rows, read_file, read_source  # noqa: F401
+from .readers import CellError, json_rows, read_file, read_source  # noqa: F401
 from .recipe import LoadedRecipe, RunConfig, SourceConfig
 from .roles import role_table
 
@@ -150,7 +150,10 @@ def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str,
         try:
             r = apply_columns(r, src.columns)
             if not src.pairs_from:
-                out.append((n, *normalise(r, roles)))
+                fmt, pair, problem = normalise(r, roles)
+                if isinstance(r, dict) and any(isinstance(v, CellError) for v in r.values()):
+                    fmt = "?"  # a cell that did not parse: the row's format is that of the rows around it
+                out.append((n, fmt, pair, problem))
                 continue
             got = derive(r, src.pairs_from, src, seed, n)
         except Bad as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -182,11 +183,12 @@ def _json_cells(row: dict) -> dict:
     for k, v in row.items():
         if isinstance(v, str):
             s = v.strip()
-            if (s.startswith("[") and s.endswith("]")) or (s.startswith("{") and s.endswith("}")):
+            meant = JSON_START.match(s) is not None  # `["`, `[{`, `{"`: structure, not prose
+            if meant or (s[:1], s[-1:]) in (("[", "]"), ("{", "}")):
                 try:
                     parsed = json.loads(s)
                 except json.JSONDecodeError as e:
-                    if s[:2] in ('["', "[{", '{"') or s.startswith(("[ \"", "[ {", "[\n")):
+                    if meant:
                         v = CellError(f"`{k}` starts like JSON ({s[:2]}...) but is not valid JSON ({e.msg} at "
                                       f"character {e.pos}); fix the cell or write it as plain text")
                 else:
@@ -195,6 +197,9 @@ def _json_cells(row: dict) -> dict:
                         v = parsed
         out[k] = v
     return out
+
+
+JSON_START = re.compile(r'\[\s*["{]|\{\s*"')
 
 
 def read_saved(path: Path, split: str) -> list[dict]:
