@@ -142,11 +142,16 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad
 
 def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str, dict | None, str | None]]:
     """(row number, format, pair, problem) for each pair of each row; format "tie" for a row pairs_from dropped."""
-    from .derive import derive
+    from .derive import assemble_trees, derive
 
     roles = role_table(src.roles)
     out = []
-    for n, r in enumerate(raw, 1):
+    rows = enumerate(raw, 1)
+    trees = assemble_trees(raw) if src.pairs_from == "ranking" else None
+    if trees is not None:  # one message a row: the trees are the rows, numbered by their root message
+        rows, orphans = trees
+        out += [(n, "?", None, why) for n, why in orphans]
+    for n, r in rows:
         try:
             r = apply_columns(r, src.columns)
             if not src.pairs_from:
@@ -173,7 +178,7 @@ def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str,
     # format of the rows around it
     layouts = Counter(fmt for _, fmt, _, _ in out if fmt not in ("unknown", "tie", "?"))
     main = layouts.most_common(1)[0][0] if layouts else "unknown"
-    return [(n, main if fmt == "?" else fmt, p, why) for n, fmt, p, why in out]
+    return sorted(((n, main if fmt == "?" else fmt, p, why) for n, fmt, p, why in out), key=lambda x: x[0])
 
 
 def _check_columns(src: SourceConfig, raw: list) -> None:
@@ -186,7 +191,7 @@ def _check_columns(src: SourceConfig, raw: list) -> None:
 
 
 def _unknown(src: SourceConfig, raw: list, results: list) -> str:
-    from .derive import EXPECTED
+    from .derive import EXPECTED, RULES, layout_of
 
     first = raw[0]
     keys = set(first) if isinstance(first, dict) else set()
@@ -198,10 +203,7 @@ def _unknown(src: SourceConfig, raw: list, results: list) -> str:
         return (f"{src.label}: unpaired data ({_first_keys(raw)}; `{unpaired[0]}` marks one answer good or bad, as KTO "
                 "reads it): DPO needs a chosen and a rejected answer per prompt; pairs_from = \"scores\" can build pairs "
                 "if the rows have several scored answers per prompt")
-    hints = [(("completions",), "scores"), (("output_1", "preference"), "judgment"), (("response_a", "winner"), "judgment"),
-             (("response_a", "winner_model_a"), "judgment"), (("replies",), "ranking")]
-    hint = next((rule for ks, rule in hints if set(ks) <= keys or (isinstance(first, dict) and isinstance(first.get("prompt"), dict)
-                                                                     and "replies" in first["prompt"] and rule == "ranking")), None)
+    hint = next((rule for rule in RULES if layout_of(first, rule) != "unknown"), None)
     if hint:
         return (f"{src.label}: no pairs in the rows yet ({_first_keys(raw)}); set pairs_from = \"{hint}\" to build them "
                 "(see docs/data-formats.md)")

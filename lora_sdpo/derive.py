@@ -49,11 +49,13 @@ def layout_of(row: Any, rule: str) -> str:
     if rule == "scores":
         if {"instruction", "completions"} <= keys:
             return "ultrafeedback"
-        return "scores" if {"prompt", "completions"} <= keys else "unknown"
+        return "completions" if {"prompt", "completions"} <= keys else "unknown"
     if rule == "ranking":
+        if {"message_id", "parent_id", "role", "text"} <= keys:  # one message a row: load_pairs assembles the trees
+            return "oasst-messages"
         if isinstance(row.get("prompt"), dict) and "replies" in row["prompt"] or {"role", "replies"} <= keys:
             return "oasst-tree"
-        return "ranking" if {"prompt", "completions"} <= keys else "unknown"
+        return "completions" if {"prompt", "completions"} <= keys else "unknown"
     if {"instruction", "output_1", "output_2", "preference"} <= keys:
         return "alpaca-eval"
     if {"response_a", "response_b"} <= keys and ({"winner_model_a", "winner_model_b"} <= keys or "winner" in keys):
@@ -61,7 +63,7 @@ def layout_of(row: Any, rule: str) -> str:
     if {"conversation_a", "conversation_b", "winner"} <= keys:
         return "arena-conversations"
     if {"prompt", "response_a", "response_b", "preference"} <= keys:
-        return "judgment"
+        return "response_a/response_b"
     return "unknown"
 
 
@@ -159,7 +161,7 @@ def _ranked_pairs(ranked: list[tuple[Any, float]], how: str) -> tuple[list[tuple
 
 def _ranking(row: dict, src, rng: random.Random) -> Derived:
     layout = layout_of(row, "ranking")
-    if layout == "unknown":
+    if layout in ("unknown", "oasst-messages"):
         raise Bad("unknown")
     how = src.ranking_pairs
     if layout == "oasst-tree":
@@ -196,6 +198,27 @@ def _walk(node: dict, history: list[dict], key: str, how: str, rows: list[dict],
         _walk(r, here, key, how, rows, ties)
 
 
+def assemble_trees(raw: list) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]] | None:
+    """OpenAssistant's flat export (one message a row: message_id, parent_id, role, text, rank) as trees:
+    ([(row of the root, {"prompt": root}), ...], [(row, reason) of messages whose parent is missing]);
+    None for rows of another layout. Deleted messages are left out, as in OpenAssistant's ready trees."""
+    if not raw or not isinstance(raw[0], dict) or not {"message_id", "parent_id", "role", "text"} <= set(raw[0]):
+        return None
+    nodes = {r["message_id"]: {**r, "replies": []} for r in raw if isinstance(r, dict) and not r.get("deleted")}
+    roots, orphans = [], []
+    for n, r in enumerate(raw, 1):
+        if not isinstance(r, dict) or r.get("deleted") or r.get("message_id") not in nodes:
+            continue
+        node, parent = nodes[r["message_id"]], r.get("parent_id")
+        if parent is None:
+            roots.append((n, {"prompt": node}))
+        elif parent in nodes:
+            nodes[parent]["replies"].append(node)
+        else:
+            orphans.append((n, f"its parent message {parent} is not in the source (or deleted)"))
+    return roots, orphans
+
+
 def _cell(v: Any, what: str) -> Any:
     """Arena cells are JSON lists of turns written as strings."""
     if isinstance(v, str) and v.lstrip().startswith("["):
@@ -217,7 +240,7 @@ def _verdict(row: dict, layout: str) -> str | None:
         if t == 1 or (a, b) == (1, 1):
             return None
         raise Bad("winner_model_a / winner_model_b / winner_tie name no winner")
-    if "winner" in row and layout != "judgment":
+    if "winner" in row and layout != "response_a/response_b":
         w = row["winner"]
         w = w.strip().lower() if isinstance(w, str) else w
         if w in ("a", "model_a", 1, "1", "response_a"):

@@ -37,11 +37,11 @@ def is_recipe(source: str) -> bool:
 
 
 def previews(source: str, step: int | None = None, columns: str | None = None, pairs_from: str | None = None,
-             split: str = "train", overrides: tuple[str, ...] = ()) -> list[Preview]:
+             split: str = "train", rule: dict | None = None, overrides: tuple[str, ...] = ()) -> list[Preview]:
     if is_recipe(source):
-        if columns or pairs_from:
-            raise DataError(f"{source}: --columns and --pairs-from are for a data file; in a recipe, set `columns` and "
-                            "`pairs_from` in its [[steps.sources]]")
+        if columns or pairs_from or rule:
+            raise DataError(f"{source}: --columns and --pairs-from (and its options) are for a data file; in a recipe, set "
+                            "`columns` and `pairs_from` in its [[steps.sources]]")
         from .recipe import load_recipe
 
         loaded = load_recipe(source, overrides)
@@ -58,7 +58,7 @@ def previews(source: str, step: int | None = None, columns: str | None = None, p
     from pydantic import ValidationError
 
     try:
-        src = SourceConfig(path=source, split=split, columns=parse_columns(columns), pairs_from=pairs_from)
+        src = SourceConfig(path=source, split=split, columns=parse_columns(columns), pairs_from=pairs_from, **(rule or {}))
     except ValidationError as e:
         raise DataError(f"{source}: " + "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
     # every row is shown with its fate; the recipe's budget for bad rows is reported, not applied

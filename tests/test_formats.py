@@ -143,7 +143,7 @@ def test_scores_lowest_random_and_ties(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", rows)
     pairs, rep = load(f, pairs_from="scores")
     assert pairs == [P([u("Q1")], "best", "worst"), P([u("Q3")], "q", "r")]
-    assert rep.ties == [2] and rep.formats == {"scores (scores)": 2} and "1 ties dropped (rows 2)" in rep.summary()
+    assert rep.ties == [2] and rep.formats == {"completions (scores)": 2} and "1 ties dropped (rows 2)" in rep.summary()
     picks = [load(f, pairs_from="scores", pick_rejected="random")[0][1]["rejected"][0]["content"] for _ in range(2)]
     expected = random.Random("42/3").choice([("p", 2.0), ("r", 1.0), ("t", 4.0)])[0]  # seeded by run.seed (42) and the row
     assert picks == [expected, expected]
@@ -367,3 +367,16 @@ def test_data_command_on_a_recipe_step(tmp_path):
     assert f"step 2 of {recipe}" in res.output
     res = invoke("data", str(recipe), "--step", "3")
     assert res.exit_code == 2 and "--step 3: the recipe has steps 1 to 2" in res.output
+
+
+def test_openassistant_flat_messages(tmp_path):
+    """OpenAssistant's Hub export: one message a row, the tree through parent_id."""
+    def m(mid, parent, role, text, rank=None, **kw):
+        return {"message_id": mid, "parent_id": parent, "role": role, "text": text, "rank": rank, "lang": "en", **kw}
+
+    rows = [m("p1", None, "prompter", "Q1"), m("a1", "p1", "assistant", "good", 0), m("a2", "p1", "assistant", "bad", 1),
+            m("a3", "p1", "assistant", "gone", 2, deleted=True), m("x1", "missing", "assistant", "orphan", 0),
+            m("p2", None, "prompter", "Q2"), m("b1", "p2", "assistant", "yes", 0), m("b2", "p2", "assistant", "no", 1)]
+    pairs, rep = load(write_jsonl(tmp_path / "oasst.jsonl", rows), pairs_from="ranking")
+    assert pairs == [P([u("Q1")], "good", "bad"), P([u("Q2")], "yes", "no")]
+    assert rep.bad == [(5, "its parent message missing is not in the source (or deleted)")]
