@@ -142,7 +142,7 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad
 
 def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str, dict | None, str | None]]:
     """(row number, format, pair, problem) for each pair of each row; format "tie" for a row pairs_from dropped."""
-    from .derive import assemble_trees, derive
+    from .derive import assemble_trees, derive, layout_of
 
     roles = role_table(src.roles)
     out = []
@@ -152,6 +152,7 @@ def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str,
         rows, orphans = trees
         out += [(n, "?", None, why) for n, why in orphans]
     for n, r in rows:
+        fmt = "?"
         try:
             r = apply_columns(r, src.columns)
             if not src.pairs_from:
@@ -160,20 +161,20 @@ def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str,
                     fmt = "?"  # a cell that did not parse: the row's format is that of the rows around it
                 out.append((n, fmt, pair, problem))
                 continue
+            fmt = f"{layout_of(r, src.pairs_from)} ({src.pairs_from})"
             got = derive(r, src.pairs_from, src, seed, n)
         except Bad as e:
             if str(e) == "unknown":  # no layout of the rule fits this row
                 keys = ", ".join(map(str, list(r)[:10])) if isinstance(r, dict) else type(r).__name__
                 out.append((n, "unknown", None, f"no layout of pairs_from = \"{src.pairs_from}\" fits (keys {keys})"))
             else:
-                out.append((n, "?", None, str(e)))
+                out.append((n, fmt, None, str(e)))
             continue
-        label = f"{got.layout} ({src.pairs_from})"
         if got.tie:
             out.append((n, "tie", None, None))
         for d in got.rows:
             _, pair, problem = normalise(d, roles)
-            out.append((n, label, pair, problem))
+            out.append((n, fmt, pair, problem))
     # a row that failed before its format was known (a mapped key missing, a rule's data wrong) counts as the
     # format of the rows around it
     layouts = Counter(fmt for _, fmt, _, _ in out if fmt not in ("unknown", "tie", "?"))
@@ -197,7 +198,7 @@ def _unknown(src: SourceConfig, raw: list, results: list) -> str:
     keys = set(first) if isinstance(first, dict) else set()
     if src.pairs_from:
         return (f"{src.label}: pairs_from = \"{src.pairs_from}\" reads {EXPECTED[src.pairs_from]}; {_first_keys(raw)}. "
-                "Map the keys with `columns = {...}`" + (f" (row 1: {results[0][3]})" if results[0][3] else ""))
+                "Map the keys with `columns = {...}`" + (f" (row 1: {results[0][3]})" if results[0][1] != "unknown" else ""))
     unpaired = [k for k in ("label", "is_desirable", "is_safe", "kto_tag") if k in keys]
     if unpaired and keys & {"completion", "response", "output", "answer", "chosen", "rejected"}:
         return (f"{src.label}: unpaired data ({_first_keys(raw)}; `{unpaired[0]}` marks one answer good or bad, as KTO "

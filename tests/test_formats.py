@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -380,3 +381,30 @@ def test_openassistant_flat_messages(tmp_path):
     pairs, rep = load(write_jsonl(tmp_path / "oasst.jsonl", rows), pairs_from="ranking")
     assert pairs == [P([u("Q1")], "good", "bad"), P([u("Q2")], "yes", "no")]
     assert rep.bad == [(5, "its parent message missing is not in the source (or deleted)")]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ('columns = { answer = "x" }', "columns: answer cannot be mapped; the names are prompt, chosen, rejected"),
+    ('roles = { narrator = "god" }', "roles: narrator must map to one of user, assistant, system, tool"),
+    ('pick_rejected = "random"', "pick_rejected applies only with pairs_from = 'scores'"),
+    ('pairs_from = "votes"', "steps.0.sources.0.pairs_from"),
+])
+def test_source_keys_validated(tmp_path, extra, needle):
+    from lora_sdpo.recipe import RecipeError, load_recipe
+
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\npath = "{MODEL}"\n[[steps]]\n[[steps.sources]]\npath = "{f}"\n{extra}\n')
+    with pytest.raises(RecipeError, match=re.escape(needle)):
+        load_recipe(recipe)
+
+
+def test_recipe_source_may_be_a_saved_folder(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "Q", "chosen": "a", "rejected": "b"}]).save_to_disk(str(tmp_path / "saved"))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\npath = "{MODEL}"\n[[steps]]\n[[steps.sources]]\npath = "saved"\n')
+    res = invoke("data", str(recipe), "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"prompt": [u("Q")], "chosen": [a("a")], "rejected": [a("b")], "source": "saved", "row": 1}
