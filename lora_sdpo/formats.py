@@ -190,6 +190,8 @@ def _hh_dialogue(text: str, what: str) -> tuple[list[dict], str]:
     if parts[0].strip():
         raise Bad(f"`{what}` has text before its first Human:/Assistant: turn")
     turns = [_msg("user" if parts[i] == "Human" else "assistant", parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+    if not turns:
+        raise Bad(f"`{what}` has no Human:/Assistant: turns (the other side of the row has)")
     if turns[-1]["role"] != "assistant":
         raise Bad(f"`{what}` ends with a Human turn, not an Assistant answer")
     if len(turns) < 2:

@@ -60,6 +60,7 @@ def test_hh_answers_sharing_their_first_characters_split_at_the_last_assistant_t
         {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: And?\n\nAssistant: Ok.",
          "rejected": "\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: And?\n\nAssistant: No."},
         {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": ""},
     ]
     pairs, rep = load(write_jsonl(tmp_path / "hh.jsonl", rows))
     assert pairs == [
@@ -67,9 +68,10 @@ def test_hh_answers_sharing_their_first_characters_split_at_the_last_assistant_t
         P([u("Hi"), a("Hello"), u("How are you?")], "Fine, thanks.", "Fine? No."),
         P([u("no leading newlines")], "Yes", "No"),
     ]
-    assert rep.formats == {"hh": 5}
+    assert rep.formats == {"hh": 6}
     assert rep.bad == [(4, "chosen and rejected differ before their last Assistant turn (turn 2 of 3): they answer different dialogues"),
-                       (5, "`chosen` ends with a Human turn, not an Assistant answer")]
+                       (5, "`chosen` ends with a Human turn, not an Assistant answer"),
+                       (6, "`rejected` has no Human:/Assistant: turns (the other side of the row has)")]
 
 
 def test_string_split_inside_a_word_or_line_is_warned(tmp_path):
