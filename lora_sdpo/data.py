@@ -142,7 +142,7 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad
 
 def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str, dict | None, str | None]]:
     """(row number, format, pair, problem) for each pair of each row; format "tie" for a row pairs_from dropped."""
-    from .derive import assemble_trees, derive, layout_of
+    from .derive import assemble_trees, derive, group_answers, layout_of
 
     roles = role_table(src.roles)
     out = []
@@ -151,6 +151,9 @@ def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str,
     if trees is not None:  # one message a row: the trees are the rows, numbered by their root message
         rows, orphans = trees
         out += [(n, "?", None, why) for n, why in orphans]
+    grouped = group_answers(raw, src.score_key or "score") if src.pairs_from == "scores" else None
+    if grouped is not None:  # one answer a row: the answers of each prompt are one row, numbered by its first
+        rows = grouped
     for n, r in rows:
         fmt = "?"
         try:
@@ -201,9 +204,12 @@ def _unknown(src: SourceConfig, raw: list, results: list) -> str:
                 "Map the keys with `columns = {...}`" + (f" (row 1: {results[0][3]})" if results[0][1] != "unknown" else ""))
     unpaired = [k for k in ("label", "is_desirable", "is_safe", "kto_tag") if k in keys]
     if unpaired and keys & {"completion", "response", "output", "answer", "chosen", "rejected"}:
+        prompts = {json.dumps(r.get("prompt"), sort_keys=True) for r in raw if isinstance(r, dict)}
+        how = (f"pairs_from = \"scores\" with score_key = \"{unpaired[0]}\" pairs the answers of each prompt "
+               f"({len(prompts)} prompts in {len(raw)} rows)" if "prompt" in keys and len(prompts) < len(raw) else
+               "pairs_from = \"scores\" can build pairs if the rows have several scored answers per prompt")
         return (f"{src.label}: unpaired data ({_first_keys(raw)}; `{unpaired[0]}` marks one answer good or bad, as KTO "
-                "reads it): DPO needs a chosen and a rejected answer per prompt; pairs_from = \"scores\" can build pairs "
-                "if the rows have several scored answers per prompt")
+                f"reads it): DPO needs a chosen and a rejected answer per prompt; {how}")
     hint = next((rule for rule in RULES if layout_of(first, rule) != "unknown"), None)
     if hint:
         return (f"{src.label}: no pairs in the rows yet ({_first_keys(raw)}); set pairs_from = \"{hint}\" to build them "

@@ -3,7 +3,8 @@
 scores    several answers per prompt, each with a score: chosen = the highest (the first of equals),
           rejected = the lowest, or a random lower one (`pick_rejected = "random"`, seeded per row);
           UltraFeedback's raw `completions` follow UltraFeedback binarized: highest `overall_score`
-          vs a random lower one. A row whose answers all score the same is a tie.
+          vs a random lower one. A row whose answers all score the same is a tie. Rows of one answer
+          each (HelpSteer; KTO's label as the score) are grouped by prompt first.
 ranking   answers with a rank (lower is better, OpenAssistant's `rank`): best vs worst, or every
           adjacent pair (`ranking_pairs = "adjacent"`); OpenAssistant message trees give the pairs of
           every prompter message with ranked replies, the dialogue above it as the prompt.
@@ -69,7 +70,8 @@ def layout_of(row: Any, rule: str) -> str:
 
 EXPECTED = {
     "scores": "UltraFeedback (instruction, completions with overall_score) or prompt + completions (a list of "
-              "answers with a score, or of strings with a parallel `scores` list)",
+              "answers with a score, or of strings with a parallel `scores` list) or one answer a row (prompt, response, "
+              "a score)",
     "ranking": "OpenAssistant message trees (replies with rank) or prompt + completions (answers with a rank, or "
                "strings with a parallel `ranks` list; lower is better)",
     "judgment": "AlpacaEval (instruction, output_1, output_2, preference), LMSYS Arena (prompt, response_a, "
@@ -90,7 +92,9 @@ def _text(item: Any, what: str) -> str:
 
 
 def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
+    if isinstance(v, bool):  # KTO's label: a desirable answer scores 1, an undesirable one 0
+        return float(v)
+    if v is None:
         return None
     if isinstance(v, (int, float)):
         return float(v) if v == v else None  # NaN: no score
@@ -196,6 +200,31 @@ def _walk(node: dict, history: list[dict], key: str, how: str, rows: list[dict],
             rows += [{"prompt": here, "chosen": a, "rejected": b} for a, b in pairs]
     for r in replies:
         _walk(r, here, key, how, rows, ties)
+
+
+ANSWER_KEYS = ("completion", "response", "output", "answer")
+
+
+def group_answers(raw: list, score_key: str) -> list[tuple[int, dict]] | None:
+    """One answer a row (`prompt`, an answer, its score: HelpSteer's layout, or KTO's with score_key = "label") as
+    one row per prompt with its answers as `completions`, numbered by the prompt's first row; None for rows of
+    another layout."""
+    first = raw[0]
+    if not isinstance(first, dict) or "prompt" not in first or "completions" in first or score_key not in first:
+        return None
+    text = next((k for k in ANSWER_KEYS if k in first), None)
+    if text is None:
+        return None
+    groups: dict[str, tuple[int, dict]] = {}
+    for n, r in enumerate(raw, 1):
+        r = r if isinstance(r, dict) else {}
+        answer = r.get(text)
+        if isinstance(answer, list) and answer and isinstance(answer[-1], dict):  # a completion as messages
+            answer = answer[-1].get("content")
+        key = json.dumps(r.get("prompt"), sort_keys=True)
+        g = groups.setdefault(key, (n, {"prompt": r.get("prompt"), "completions": [], "system": r.get("system")}))
+        g[1]["completions"].append({"text": answer if isinstance(answer, str) else "", score_key: r.get(score_key)})
+    return list(groups.values())
 
 
 def assemble_trees(raw: list) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]] | None:

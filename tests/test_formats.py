@@ -410,3 +410,18 @@ def test_recipe_source_may_be_a_saved_folder(tmp_path):
     res = invoke("data", str(recipe), "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == {"prompt": [u("Q")], "chosen": [a("a")], "rejected": [a("b")], "source": "saved", "row": 1}
+
+
+def test_one_answer_a_row_grouped_by_prompt(tmp_path):
+    """HelpSteer's layout (one scored answer a row) and KTO's (one labelled answer a row, score_key = "label")."""
+    rows = [{"prompt": "Q1", "response": "meh", "score": 2}, {"prompt": "Q2", "response": "only one", "score": 3},
+            {"prompt": "Q1", "response": "great", "score": 4}, {"prompt": "Q1", "response": "bad", "score": 0}]
+    pairs, rep = load(write_jsonl(tmp_path / "hs.jsonl", rows), pairs_from="scores")
+    assert pairs == [P([u("Q1")], "great", "bad")]
+    assert rep.bad == [(2, "fewer than two answers in `completions` with a numeric `score`")]
+    kto = [{"prompt": [u("Q1")], "completion": [a("yes")], "label": True}, {"prompt": [u("Q1")], "completion": [a("no")], "label": False},
+           {"prompt": [u("Q2")], "completion": [a("ok")], "label": True}]
+    f = write_jsonl(tmp_path / "kto.jsonl", kto)
+    assert refused(f).endswith("pairs_from = \"scores\" with score_key = \"label\" pairs the answers of each prompt (2 prompts in 3 rows)")
+    pairs, rep = load(f, pairs_from="scores", score_key="label")
+    assert pairs == [P([u("Q1")], "yes", "no")] and [n for n, _ in rep.bad] == [3]
