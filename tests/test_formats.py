@@ -246,6 +246,8 @@ def test_json_cells_in_csv_and_parquet(tmp_path):
                      P([u("Q3?")], "[citation] kept as text", "b")]
     assert rep.bad == [(3, "`prompt` starts like JSON ([\"...) but is not valid JSON (Unterminated string starting at at "
                            "character 1); fix the cell or write it as plain text")]
+    (tmp_path / "d.tsv").write_text('prompt\tchosen\trejected\n["Hi", "Hello!", "Sum 2+2?"]\t4\t5\n')
+    assert load(tmp_path / "d.tsv")[0] == [P([u("Hi"), a("Hello!"), u("Sum 2+2?")], "4", "5")]
     pq.write_table(pa.table({"prompt": ['["Q?"]'], "chosen": ['[{"role": "assistant", "content": "good"}]'], "rejected": ["bad"]}),
                    tmp_path / "d.parquet")
     assert load(tmp_path / "d.parquet")[0] == [P([u("Q?")], "good", "bad")]
