@@ -176,7 +176,8 @@ def _need_str(row: dict, key: str) -> str:
 
 
 def _system(row: dict, prompt: list[dict]) -> list[dict]:
-    if row.get("system"):
+    """A `system` column as the prompt's first message (unless the prompt messages begin with one)."""
+    if row.get("system") and not (prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
         return [_msg("system", _need_str(row, "system")), *prompt]
     return prompt
 
