@@ -20,9 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from .errors import DataError
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-         "bot": "assistant", "system": "system"}
+from .roles import ROLES
 SHOW = 5  # rows named in a message; the manifest keeps up to KEEP
 KEEP = 50
 

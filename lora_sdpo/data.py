@@ -1,17 +1,11 @@
-"""Preference data: read a source, recognise its format, normalise every row to one pair shape.
-
-The pair shape is TRL's conversational preference format:
-    {"prompt": [messages...], "chosen": [assistant message], "rejected": [assistant message]}
-so the tokenizer's chat template is applied by TRL exactly as in a plain DPOTrainer run. Rows
-whose transcripts carry no roles (Anthropic HH's "\\n\\nHuman: ... \\n\\nAssistant: ...") stay as
-TRL's standard string format. Bad rows are reported with their row numbers, never silently dropped.
+"""Preference data of a step: every source read (lora_sdpo/readers.py), its rows normalised to one pair
+shape (lora_sdpo/formats.py, or derived by a rule: lora_sdpo/derive.py), bad rows reported with their
+row numbers, never silently dropped.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
-from .recipe import LoadedRecipe, SourceConfig
+from .formats import ACCEPTED, FORMAT_KEYS, Bad, apply_columns, detect_format, normalise, split_inside  # noqa: F401
+from .readers import CellError, json_rows, read_file, read_source  # noqa: F401
+from .recipe import LoadedRecipe, RunConfig, SourceConfig
+from .roles import role_table
 
 
 @dataclass
@@ -30,6 +27,8 @@ class SourceReport:
     formats: Counter = field(default_factory=Counter)
     bad: list[tuple[int, str]] = field(default_factory=list)  # (1-based row, reason)
     duplicates: list[int] = field(default_factory=list)
+    ties: list[int] = field(default_factory=list)  # rows whose answers pairs_from could not order
+    inside: list[int] = field(default_factory=list)  # rows whose common-prefix split falls inside a word or line
 
     def summary(self) -> str:
         parts = [f"{self.label}: {self.used} pairs used of {self.total} rows"]
@@ -37,7 +36,18 @@ class SourceReport:
             parts.append(f"{len(self.bad)} bad dropped ({bad_rows_text(self.bad)})")
         if self.duplicates:
             parts.append(f"{len(self.duplicates)} exact duplicates dropped (rows {_list_text(self.duplicates)})")
+        if self.ties:
+            parts.append(f"{len(self.ties)} ties dropped (rows {_list_text(self.ties)})")
+        if self.inside:
+            parts.append(f"warning: in {len(self.inside)} pairs the prompt/answer split falls inside a word or line "
+                         f"(rows {_list_text(self.inside)}): the shared start of both answers went into the prompt; "
+                         "give the prompt its own column (`prompt`, or `columns = {prompt = ...}`)")
         return "; ".join(parts)
+
+    @property
+    def notable(self) -> bool:
+        """Something was dropped or looks wrong: worth a line in the run's log."""
+        return bool(self.bad or self.duplicates or self.ties or self.inside)
 
 
 def _list_text(rows: list[int], n: int = 8) -> str:
@@ -55,319 +65,6 @@ def bad_rows_text(bad: list[tuple[int, str]], n: int = 5) -> str:
              for why, rows in ordered[:n]]
     rest = sum(len(rows) for _, rows in ordered[n:])
     return "; ".join(parts) + (f"; ... {rest} more rows for {len(ordered) - n} other reasons" if rest else "")
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_source(src: SourceConfig, recipe: LoadedRecipe | None = None) -> list[dict]:
-    """All rows of a source as dicts, in file order."""
-    if src.dataset is not None:
-        return _read_hub(src)
-    path = recipe.resolve(src.path) if recipe else Path(src.path)
-    return read_file(path)
-
-
-COMPRESSION = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
-READABLE = ".jsonl, .json, .parquet or .csv (the text ones also compressed as .gz, .bz2 or .xz)"
-
-
-def _kind(path: Path) -> tuple[str, str | None]:
-    """(file type, compression) from the name: data.jsonl.gz -> (".jsonl", "gzip")."""
-    suffixes = [x.lower() for x in path.suffixes]
-    if suffixes and suffixes[-1] in COMPRESSION:
-        return (suffixes[-2] if len(suffixes) > 1 else ""), COMPRESSION[suffixes[-1]]
-    return (suffixes[-1] if suffixes else ""), None
-
-
-def _open_text(path: Path, compression: str | None, newline: str | None = None):
-    # utf-8-sig: a byte-order mark (Windows tools write one) is skipped, not read as part of row 1
-    if compression is None:
-        return path.open(encoding="utf-8-sig", newline=newline)
-    import importlib
-
-    return importlib.import_module(compression).open(path, "rt", encoding="utf-8-sig", newline=newline)
-
-
-def read_file(path: Path) -> list[dict]:
-    suffix, compression = _kind(path)
-    try:
-        if suffix == ".jsonl":
-            with _open_text(path, compression) as f:
-                return _json_lines(f, path)
-        if suffix == ".json":
-            with _open_text(path, compression) as f:
-                text = f.read()
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                if e.msg == "Extra data":  # JSON lines in a .json file, as many Hub datasets ship them
-                    return _json_lines(io.StringIO(text), path)
-                raise DataError(f"{path}: not valid JSON at line {e.lineno} ({e.msg})") from None
-            return json_rows(data, path)
-        if suffix == ".parquet" and compression is None:
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        if suffix == ".csv":
-            with _open_text(path, compression, newline="") as f:
-                return list(csv.DictReader(f))
-    except OSError as e:  # also a damaged or mislabelled compressed file (gzip.BadGzipFile, lzma.LZMAError)
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    except EOFError:
-        raise DataError(f"{path}: the compressed file ends early (truncated download?); fetch it again") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    name = "".join(path.suffixes[-2:]) if compression else path.suffix
-    raise DataError(f"{path}: unsupported file type {name!r}; use {READABLE}")
-
-
-def _json_lines(f, path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(f, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); fix or remove that line") from None
-    return rows
-
-
-def json_rows(data: Any, path: Path) -> list:
-    """The rows of a parsed JSON document, in every layout pandas' DataFrame.to_json writes.
-
-    records: [{...}, ...]; columns (pandas' default): {"chosen": {"0": ..., "1": ...}, ...};
-    column lists: {"chosen": [...], "rejected": [...]}; index: {"0": {...}, "1": {...}};
-    split: {"columns": [...], "data": [[...], ...]}; table and {"data": [...]}: the rows under "data".
-    """
-    if isinstance(data, list):
-        return data
-    if not isinstance(data, dict) or not data:
-        raise DataError(f"{path}: expected a JSON list of rows, an object of columns or JSON lines (in a .jsonl file)")
-    if isinstance(data.get("columns"), list) and isinstance(data.get("data"), list) and all(isinstance(r, list) for r in data["data"]):
-        return [dict(zip(data["columns"], r)) for r in data["data"]]
-    if isinstance(data.get("data"), list):
-        return data["data"]
-    values = list(data.values())
-    if all(isinstance(v, list) for v in values):
-        lengths = {k: len(v) for k, v in data.items()}
-        if len(set(lengths.values())) > 1:
-            raise DataError(f"{path}: its columns have different lengths ({', '.join(f'{k}: {n}' for k, n in lengths.items())}); "
-                            "every column needs one value per row")
-        return [dict(zip(data, r)) for r in zip(*values)]
-    if all(isinstance(v, dict) for v in values):
-        if all(str(k).isdigit() for k in data):  # index layout: row number -> row
-            return [data[k] for k in sorted(data, key=int)]
-        index = list(dict.fromkeys(i for v in values for i in v))
-        return [{col: data[col].get(i) for col in data} for i in index]
-    raise DataError(f"{path}: expected a JSON list of rows, an object of columns ({{\"chosen\": [...], "
-                    "\"rejected\": [...]}}) or JSON lines (in a .jsonl file)")
-
-
-def _read_hub(src: SourceConfig) -> list[dict]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(src.dataset, split=src.split, revision=src.revision)
-    except Exception as e:  # the Hub client raises many types; all mean "not reachable here"
-        raise DataError(
-            f"dataset {src.dataset!r} (split {src.split!r}) is not reachable: {type(e).__name__}: {e}. "
-            "Without network access (HF_HUB_OFFLINE=1), download it first or point `path` at a local file."
-        ) from None
-    return ds.to_list()
-
-
-# ----------------------------------------------------------------------------- normalising
-
-
-def _msg(role: str, content: Any) -> dict:
-    return {"role": role, "content": content}
-
-
-def _check_messages(msgs: Any, what: str) -> str | None:
-    if not isinstance(msgs, list) or not msgs:
-        return f"{what} is not a non-empty list of messages"
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"{what}[{i}] has no role/content"
-        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-            return f"{what}[{i}] role/content is not a string"
-    return None
-
-
-def _sharegpt(msgs: Any) -> list[dict]:
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-    if isinstance(msgs, dict):
-        msgs = [msgs]
-    return [_msg(roles.get(m.get("from"), m.get("from")), m.get("value")) for m in msgs]
-
-
-def _parts(msgs: Any, what: str) -> Any:
-    """Messages whose content is a list of parts ({"type": "text", "text"|"value": ...}, the shape of
-    transformers chat templates, the OpenAI API and LLaMA-Factory) as plain-string messages: the text
-    parts joined without a separator, as those chat templates render them. Anything else is
-    returned as it came, so the formats that were read before are normalised exactly as before."""
-    if not isinstance(msgs, list) or not any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in msgs):
-        return msgs
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), list):
-            out.append(m)
-            continue
-        texts = []
-        for j, part in enumerate(m["content"]):
-            if isinstance(part, str):
-                texts.append(part)
-                continue
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            text = part.get("text", part.get("value")) if isinstance(part, dict) else None
-            if kind != "text" or not isinstance(text, str):
-                raise _Bad(f"{what}[{i}].content[{j}] is a part of type {kind!r}; only text parts can be trained on")
-            texts.append(text)
-        out.append({"role": m.get("role"), "content": "".join(texts)})
-    return out
-
-
-FORMAT_KEYS = {
-    "messages": ("chosen_messages", "rejected_messages"),
-    "openai": ("input", "preferred_output", "non_preferred_output"),
-    "sharegpt": ("conversations", "chosen", "rejected"),
-    "orca": ("question", "chosen", "rejected"),
-    "conversational": ("prompt", "chosen", "rejected"),
-    "standard": ("prompt", "chosen", "rejected"),
-    "implicit": ("chosen", "rejected"),
-}
-
-
-ACCEPTED = (
-    "TRL standard or conversational (prompt, chosen, rejected), implicit prompt (chosen, rejected: full transcripts), "
-    "OpenAI (input, preferred_output, non_preferred_output), Orca (system, question, chosen, rejected), ShareGPT "
-    "(conversations, chosen, rejected), message lists (chosen_messages, rejected_messages, optional prompt_messages); "
-    "message content may be a string or a list of text parts"
-)
-
-
-def detect_format(row: dict) -> str:
-    keys = set(row)
-    if {"chosen_messages", "rejected_messages"} <= keys:
-        return "messages"
-    if {"input", "preferred_output", "non_preferred_output"} <= keys:
-        return "openai"
-    if {"conversations", "chosen", "rejected"} <= keys:
-        return "sharegpt"
-    if {"question", "chosen", "rejected"} <= keys:
-        return "orca"
-    if {"prompt", "chosen", "rejected"} <= keys:
-        return "conversational" if isinstance(row["chosen"], list) else "standard"
-    if {"chosen", "rejected"} <= keys:
-        return "implicit"
-    return "unknown"
-
-
-def normalise(row: Any) -> tuple[str, dict | None, str | None]:
-    """(format, pair, None) for a good row, (format, None, reason) for a bad one."""
-    if not isinstance(row, dict):
-        return "unknown", None, "row is not an object"
-    fmt = detect_format(row)
-    try:
-        pair = _to_pair(fmt, row)
-    except _Bad as e:
-        return fmt, None, str(e)
-    return fmt, pair, _check_pair(pair)
-
-
-class _Bad(Exception):
-    pass
-
-
-def _need_str(row: dict, key: str) -> str:
-    v = row.get(key)
-    if not isinstance(v, str):
-        raise _Bad(f"`{key}` is {'missing' if v is None else type(v).__name__}, not a string")
-    return v
-
-
-def _to_pair(fmt: str, row: dict) -> dict:
-    from trl.data_utils import extract_prompt
-
-    if fmt == "messages":  # LLaMA-Factory's chosen_messages / rejected_messages (full transcripts)
-        chosen, rejected = _parts(row["chosen_messages"], "chosen_messages"), _parts(row["rejected_messages"], "rejected_messages")
-        if row.get("prompt_messages") is not None:
-            return {"prompt": _parts(row["prompt_messages"], "prompt_messages"), "chosen": chosen, "rejected": rejected}
-        return _to_pair("implicit", {"chosen": chosen, "rejected": rejected})
-    if fmt == "openai":
-        inp = row["input"]
-        prompt = inp.get("messages") if isinstance(inp, dict) else None
-        return {"prompt": _parts(prompt, "input.messages"), "chosen": _parts(row["preferred_output"], "preferred_output"),
-                "rejected": _parts(row["non_preferred_output"], "non_preferred_output")}
-    if fmt == "orca":
-        prompt = [_msg("user", _need_str(row, "question"))]
-        if row.get("system"):
-            prompt.insert(0, _msg("system", _need_str(row, "system")))
-        return {
-            "prompt": prompt,
-            "chosen": [_msg("assistant", _need_str(row, "chosen"))],
-            "rejected": [_msg("assistant", _need_str(row, "rejected"))],
-        }
-    if fmt == "sharegpt":
-        return {"prompt": _sharegpt(row["conversations"]), "chosen": _sharegpt(row["chosen"]), "rejected": _sharegpt(row["rejected"])}
-    if fmt == "standard":
-        return {
-            "prompt": [_msg("user", _need_str(row, "prompt"))],
-            "chosen": [_msg("assistant", _need_str(row, "chosen"))],
-            "rejected": [_msg("assistant", _need_str(row, "rejected"))],
-        }
-    if fmt == "conversational":
-        chosen, rejected = _parts(row["chosen"], "chosen"), _parts(row["rejected"], "rejected")
-        if not isinstance(rejected, list):
-            raise _Bad("`chosen` is a message list but `rejected` is not")
-        prompt = _parts(row["prompt"], "prompt")
-        # UltraFeedback binarized: a prompt string and full transcripts that repeat it.
-        if isinstance(prompt, str):
-            ex = extract_prompt({"chosen": chosen, "rejected": rejected})
-            if not ex["prompt"]:
-                raise _Bad("chosen and rejected transcripts share no prompt messages")
-            return ex
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if fmt == "implicit":
-        chosen, rejected = row["chosen"], row["rejected"]
-        if isinstance(chosen, str) and isinstance(rejected, str):
-            if chosen != rejected and (chosen.startswith(rejected) or rejected.startswith(chosen)):
-                raise _Bad("one completion is a prefix of the other, so there is no point where the prompt ends")
-            ex = extract_prompt({"chosen": chosen, "rejected": rejected})
-            if not ex["prompt"].strip():
-                raise _Bad("chosen and rejected share no common prompt prefix")
-            return ex
-        if isinstance(chosen, list) and isinstance(rejected, list):
-            chosen, rejected = _parts(chosen, "chosen"), _parts(rejected, "rejected")
-            short, long_ = sorted((chosen, rejected), key=len)
-            if chosen != rejected and long_[: len(short)] == short:
-                raise _Bad("one transcript is a prefix of the other, so there is no point where the prompt ends")
-            ex = extract_prompt({"chosen": chosen, "rejected": rejected})
-            if not ex["prompt"]:
-                raise _Bad("chosen and rejected transcripts share no prompt messages")
-            return ex
-        raise _Bad("`chosen` and `rejected` must both be strings or both message lists")
-    raise _Bad("unrecognised format")
-
-
-def _check_pair(pair: dict) -> str | None:
-    if isinstance(pair["chosen"], str):  # standard strings (implicit prompt without roles)
-        for k in ("chosen", "rejected"):
-            if not isinstance(pair[k], str) or not pair[k].strip():
-                return f"{k} completion is empty"
-        return "chosen == rejected" if pair["chosen"] == pair["rejected"] else None
-    for k in ("prompt", "chosen", "rejected"):
-        problem = _check_messages(pair[k], k)
-        if problem:
-            return problem
-    for k in ("chosen", "rejected"):
-        if not any(m["content"].strip() for m in pair[k]):
-            return f"{k} completion is empty"
-    if pair["chosen"] == pair["rejected"]:
-        return "chosen == rejected"
-    return None
 
 
 # ----------------------------------------------------------------------------- steps
@@ -388,22 +85,29 @@ class PairSet:
         return h.hexdigest()
 
 
-def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe, max_bad_fraction: float) -> PairSet:
+def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad_fraction: float) -> PairSet:
     rows, reports = [], []
+    seed = recipe.recipe.run.seed if recipe is not None else RunConfig.model_fields["seed"].default
     for src in sources:
         raw = read_source(src, recipe)
         rep = SourceReport(label=src.label, total=len(raw))
+        if rep.total == 0:
+            raise DataError(f"{src.label}: has no rows")
+        _check_columns(src, raw)
+        results = _normalised(raw, src, seed)
+        rep.formats.update(fmt for _, fmt, _, _ in results if fmt not in ("unknown", "tie"))
+        if not rep.formats:
+            raise DataError(_unknown(src, raw, results))
+        main_fmt = rep.formats.most_common(1)[0][0]
         seen: set[str] = set()
         valid = 0
-        results = [normalise(r) for r in raw]
-        rep.formats.update(fmt for fmt, _, _ in results if fmt != "unknown")
-        if raw and not rep.formats:
-            raise DataError(f"{src.label}: unrecognised format: {_first_keys(raw)}. lora-sdpo reads: {ACCEPTED}")
-        main_fmt = rep.formats.most_common(1)[0][0] if rep.formats else None
-        for n, (r, (fmt, pair, problem)) in enumerate(zip(raw, results), 1):
+        for n, fmt, pair, problem in results:
+            if fmt == "tie":
+                rep.ties.append(n)
+                continue
             if problem:
-                if fmt == "unknown" and main_fmt and isinstance(r, dict):
-                    missing = [k for k in FORMAT_KEYS[main_fmt] if k not in r]
+                if fmt == "unknown" and not src.pairs_from and isinstance(raw[n - 1], dict) and main_fmt in FORMAT_KEYS:
+                    missing = [k for k in FORMAT_KEYS[main_fmt] if k not in raw[n - 1]]
                     problem = f"missing {', '.join(f'`{k}`' for k in missing)} (the other rows are {main_fmt} format)"
                 rep.bad.append((n, problem))
                 continue
@@ -414,29 +118,112 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe, max_bad_fracti
             seen.add(key)
             valid += 1
             if valid > src.offset and (src.limit is None or rep.used < src.limit):
+                if fmt == "implicit" and split_inside(pair):
+                    rep.inside.append(n)
                 rows.append({**pair, "source": src.label, "row": n})
                 rep.used += 1
-        if rep.total == 0:
-            raise DataError(f"{src.label}: has no rows")
         if len(rep.formats) > 1:
             fmts = ", ".join(f"{k} ({v} rows)" for k, v in rep.formats.most_common())
             raise DataError(f"{src.label}: mixes formats ({fmts}); split it into one file per format")
+        if len(rep.bad) == rep.total and len({why for _, why in rep.bad}) == 1:
+            raise DataError(f"{src.label}: no usable pairs: every row is bad for the same reason ({bad_rows_text(rep.bad)}); "
+                            "raising data.max_bad_fraction cannot help")
         if len(rep.bad) > max_bad_fraction * rep.total:
             raise DataError(
                 f"{src.label}: {len(rep.bad)} of {rep.total} rows are bad, more than data.max_bad_fraction = "
                 f"{max_bad_fraction}: {bad_rows_text(rep.bad)}. Fix the rows or raise data.max_bad_fraction."
             )
         if rep.used == 0:
-            raise DataError(f"{src.label}: no usable pairs ({bad_rows_text(rep.bad)})")
+            why = bad_rows_text(rep.bad) if rep.bad else f"every row is a tie ({len(rep.ties)} rows)" if rep.ties else "none left"
+            raise DataError(f"{src.label}: no usable pairs ({why})")
         reports.append(rep)
     return PairSet(rows=rows, reports=reports)
 
 
-def _first_keys(raw: list) -> str:
+def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str, dict | None, str | None]]:
+    """(row number, format, pair, problem) for each pair of each row; format "tie" for a row pairs_from dropped."""
+    from .derive import assemble_trees, derive, group_answers, layout_of
+
+    roles = role_table(src.roles)
+    out = []
+    rows = enumerate(raw, 1)
+    trees = assemble_trees(raw) if src.pairs_from == "ranking" else None
+    if trees is not None:  # one message a row: the trees are the rows, numbered by their root message
+        rows, orphans = trees
+        out += [(n, "?", None, why) for n, why in orphans]
+    grouped = group_answers(raw, src.score_key or "score") if src.pairs_from == "scores" else None
+    if grouped is not None:  # one answer a row: the answers of each prompt are one row, numbered by its first
+        rows = grouped
+    for n, r in rows:
+        fmt = "?"
+        try:
+            r = apply_columns(r, src.columns)
+            if not src.pairs_from:
+                fmt, pair, problem = normalise(r, roles)
+                if isinstance(r, dict) and any(isinstance(v, CellError) for v in r.values()):
+                    fmt = "?"  # a cell that did not parse: the row's format is that of the rows around it
+                out.append((n, fmt, pair, problem))
+                continue
+            fmt = f"{layout_of(r, src.pairs_from)} ({src.pairs_from})"
+            got = derive(r, src.pairs_from, src, seed, n)
+        except Bad as e:
+            if str(e) == "unknown":  # no layout of the rule fits this row
+                keys = ", ".join(map(str, list(r)[:10])) if isinstance(r, dict) else type(r).__name__
+                out.append((n, "unknown", None, f"no layout of pairs_from = \"{src.pairs_from}\" fits (keys {keys})"))
+            else:
+                out.append((n, fmt, None, str(e)))
+            continue
+        if got.tie:
+            out.append((n, "tie", None, None))
+        for d in got.rows:
+            _, pair, problem = normalise(d, roles)
+            out.append((n, fmt, pair, problem))
+    # a row that failed before its format was known (a mapped key missing, a rule's data wrong) counts as the
+    # format of the rows around it
+    layouts = Counter(fmt for _, fmt, _, _ in out if fmt not in ("unknown", "tie", "?"))
+    main = layouts.most_common(1)[0][0] if layouts else "unknown"
+    return sorted(((n, main if fmt == "?" else fmt, p, why) for n, fmt, p, why in out), key=lambda x: x[0])
+
+
+def _check_columns(src: SourceConfig, raw: list) -> None:
+    """A mapped key that no row has is a mistake in the mapping, not a column of bad rows."""
+    for k, v in (src.columns or {}).items():
+        if k in ("role", "content"):
+            continue
+        if not any(isinstance(r, dict) and v in r for r in raw):
+            raise DataError(f"{src.label}: columns.{k} = {v!r}, but no row has the key {v!r}; {_first_keys(raw)}")
+
+
+def _unknown(src: SourceConfig, raw: list, results: list) -> str:
+    from .derive import EXPECTED, RULES, layout_of
+
+    first = raw[0]
+    keys = set(first) if isinstance(first, dict) else set()
+    if src.pairs_from:
+        return (f"{src.label}: pairs_from = \"{src.pairs_from}\" reads {EXPECTED[src.pairs_from]}; {_first_keys(raw)}. "
+                "Map the keys with `columns = {...}`" + (f" (row 1: {results[0][3]})" if results[0][1] != "unknown" else ""))
+    unpaired = [k for k in ("label", "is_desirable", "is_safe", "kto_tag") if k in keys]
+    if unpaired and keys & {"completion", "response", "output", "answer", "chosen", "rejected"}:
+        prompts = {json.dumps(r.get("prompt"), sort_keys=True) for r in raw if isinstance(r, dict)}
+        how = (f"pairs_from = \"scores\" with score_key = \"{unpaired[0]}\" pairs the answers of each prompt "
+               f"({len(prompts)} prompts in {len(raw)} rows)" if "prompt" in keys and len(prompts) < len(raw) else
+               "pairs_from = \"scores\" can build pairs if the rows have several scored answers per prompt")
+        return (f"{src.label}: unpaired data ({_first_keys(raw)}; `{unpaired[0]}` marks one answer good or bad, as KTO "
+                f"reads it): DPO needs a chosen and a rejected answer per prompt; {how}")
+    hint = next((rule for rule in RULES if layout_of(first, rule) != "unknown"), None)
+    if hint:
+        return (f"{src.label}: no pairs in the rows yet ({_first_keys(raw)}); set pairs_from = \"{hint}\" to build them "
+                "(see docs/data-formats.md)")
+    return f"{src.label}: unrecognised format: {_first_keys(raw)}. lora-sdpo reads: {ACCEPTED}"
+
+
+def _first_keys(raw: list, n: int = 10) -> str:
     first = raw[0]
     if not isinstance(first, dict):
         return f"row 1 is a JSON {type(first).__name__}, not an object of fields"
-    return f"row 1 has the keys {', '.join(map(str, first)) or '(none)'}"
+    keys = list(map(str, first))
+    shown = ", ".join(keys[:n]) + (f", ... ({len(keys)} keys)" if len(keys) > n else "")
+    return f"row 1 has the keys {shown or '(none)'}"
 
 
 def load_step_pairs(recipe: LoadedRecipe, index: int) -> PairSet:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from .errors import RecipeError
+from .formats import COLUMNS
+from .roles import TRAINED, table_text
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -68,17 +70,43 @@ class ModelConfig(_Strict):
 
 
 class SourceConfig(_Strict):
-    path: str | None = Field(None, description="A local .jsonl/.json/.parquet/.csv file, the text ones also as .gz/.bz2/.xz (relative to the recipe).")
+    path: str | None = Field(None, description="A local .jsonl/.json/.parquet/.csv/.tsv file, the text ones also as .gz/.bz2/.xz, or a folder written by datasets' save_to_disk (relative to the recipe).")
     dataset: str | None = Field(None, description="A Hub dataset id (instead of path).")
-    split: str = Field("train", description="Split of a Hub dataset.")
+    split: str = Field("train", description="Split of a Hub dataset or of a saved DatasetDict folder.")
     revision: str | None = Field(None, description="Revision of a Hub dataset.")
     offset: Annotated[int, Field(ge=0)] = Field(0, description="Skip the first N valid rows (e.g. those held out for eval).")
     limit: Annotated[int, Field(gt=0)] | None = Field(None, description="Use at most N valid rows (after the offset).")
+    columns: dict[str, str] | None = Field(
+        None, description="The rows' own key names, e.g. {prompt = \"context\", chosen = \"answer_w\", rejected = \"answer_l\"}; "
+        "mappable: " + ", ".join(COLUMNS) + " (role, content: the keys inside each message).")
+    roles: dict[str, str] | None = Field(
+        None, description="Role names added to the default table (" + table_text() + "), e.g. {narrator = \"system\"}.")
+    pairs_from: Literal["scores", "ranking", "judgment"] | None = Field(
+        None, description="Build pairs from rows without one (docs/data-formats.md): scores (highest vs lower scored answer), "
+        "ranking (ranked answers), judgment (two answers and a verdict); ties are dropped and counted.")
+    score_key: str | None = Field(
+        None, description="pairs_from: the key of each answer's score (default overall_score for UltraFeedback, else score) or rank "
+        "(default rank; lower is better).")
+    pick_rejected: Literal["lowest", "random"] | None = Field(
+        None, description="pairs_from = \"scores\": rejected = the lowest-scored answer, or a random lower one (seeded by "
+        "run.seed and the row); default random for UltraFeedback completions (as UltraFeedback binarized), else lowest.")
+    ranking_pairs: Literal["best_worst", "adjacent"] = Field(
+        "best_worst", description="pairs_from = \"ranking\": one pair (best vs worst) or every adjacent pair of the ranking.")
 
     @model_validator(mode="after")
     def _one_location(self) -> "SourceConfig":
         if (self.path is None) == (self.dataset is None):
             raise ValueError("give exactly one of `path` (a local file) or `dataset` (a Hub id)")
+        unknown = sorted(set(self.columns or {}) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"columns: {', '.join(unknown)} cannot be mapped; the names are {', '.join(COLUMNS)} "
+                             "(write them as NAME = \"the rows' key\")")
+        bad_roles = sorted(k for k, v in (self.roles or {}).items() if v not in TRAINED)
+        if bad_roles:
+            raise ValueError(f"roles: {', '.join(bad_roles)} must map to one of {', '.join(TRAINED)}")
+        for key, rule in (("pick_rejected", "scores"), ("score_key", ("scores", "ranking"))):
+            if getattr(self, key) is not None and self.pairs_from not in ((rule,) if isinstance(rule, str) else rule):
+                raise ValueError(f"{key} applies only with pairs_from = {' or '.join(repr(r) for r in ((rule,) if isinstance(rule, str) else rule))}")
         return self
 
     @property
@@ -575,12 +603,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
         problems.append("training.precision: 4-bit training needs bf16 or fp32")
     for i, step in enumerate(recipe.steps):
         for j, src in enumerate(step.sources):
-            if src.path is not None and not loaded.resolve(src.path).is_file():
+            if src.path is not None and not loaded.resolve(src.path).exists():
                 problems.append(
                     f"steps.{i}.sources.{j}.path: no file {loaded.resolve(src.path)} (paths are relative to the recipe)"
                 )
     for j, src in enumerate(recipe.data.eval):
-        if src.path is not None and not loaded.resolve(src.path).is_file():
+        if src.path is not None and not loaded.resolve(src.path).exists():
             problems.append(f"data.eval.{j}.path: no file {loaded.resolve(src.path)}")
     if problems:
         raise RecipeError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))

@@ -119,7 +119,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     log(f"run directory: {run.root}")
     for i, ps in enumerate(data.steps, 1):
         for rep in ps.reports:
-            if rep.bad or rep.duplicates:
+            if rep.notable:
                 log(f"warning: step {i}: {rep.summary()}")
     if data.overlong:
         log(f"warning: {len(data.overlong)} pairs dropped, their prompt fills training.max_length: {', '.join(data.overlong[:5])}")

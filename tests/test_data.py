@@ -44,9 +44,9 @@ def test_orca_system_prompt_kept():
 
 
 def test_implicit_prompt_strings():
-    row = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
+    row = {"chosen": "Q: Hi\nA: Hello!", "rejected": "Q: Hi\nA: Go away."}
     fmt, pair, problem = normalise(row)
-    assert problem is None and pair["prompt"] == "\n\nHuman: Hi\n\nAssistant:"
+    assert (fmt, problem) == ("implicit", None) and pair["prompt"] == "Q: Hi\nA:"
     assert pair["chosen"] == " Hello!" and pair["rejected"] == " Go away."
 
 

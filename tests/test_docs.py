@@ -56,7 +56,7 @@ def test_data_format_examples_are_what_they_say():
     page = (ROOT / "docs" / "data-formats.md").read_text()
     names = {"OpenAI preference": "openai", "ShareGPT": "sharegpt", "Orca pairs": "orca",
              "TRL conversational": "conversational", "UltraFeedback binarized": "conversational",
-             "TRL standard": "standard", "implicit prompt": "implicit"}
+             "TRL standard": "standard", "Anthropic HH": "hh", "implicit prompt": "implicit"}
     rows = re.findall(r"^\| ([^|]+?) \| .*? \| `(\{.*\})` \|$", page, re.M)
     assert {n for n, _ in rows} == set(names)
     for name, example in rows:

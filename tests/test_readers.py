@@ -133,10 +133,10 @@ def test_non_text_part_is_a_bad_row_naming_its_type():
 
 
 def test_bad_rows_grouped_by_reason(tmp_path):
-    """HH-RLHF's prefix rows, five of them: one line with the count and the rows, not five sentences."""
-    good = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
-    prefix = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello there"}
-    rows = [good] + [prefix] * 5 + [{"chosen": "\n\nHuman: A\n\nAssistant: same", "rejected": "\n\nHuman: A\n\nAssistant: same"}]
+    """Implicit-prompt prefix rows, five of them: one line with the count and the rows, not five sentences."""
+    good = {"chosen": "Q: Hi\nA: Hello!", "rejected": "Q: Hi\nA: Go away."}
+    prefix = {"chosen": "Q: Hi\nA: Hello", "rejected": "Q: Hi\nA: Hello there"}
+    rows = [good] + [prefix] * 5 + [{"chosen": "Q: A\nA: same", "rejected": "Q: A\nA: same"}]
     rep = load_pairs([SourceConfig(path=str(write_jsonl(tmp_path / "hh.jsonl", rows)))], None, 1.0).reports[0]
     assert rep.summary() == (
         f"{tmp_path / 'hh.jsonl'}: 1 pairs used of 7 rows; 6 bad dropped (5 rows: one completion is a prefix of the "
