@@ -140,6 +140,12 @@ class TiledLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, rows: int):
         ctx.set_materialize_grads(False)
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        # the projection runs in `dtype`; the statistics stay float32 (autocast would round vecdot to bf16)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return TiledLogProbs._forward(ctx, hidden, weight, bias, targets, rows, dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, rows, dtype):
         n = hidden.shape[0]
         out = [torch.empty(n, device=hidden.device) for _ in range(4)] + [torch.empty(n, dtype=torch.bool, device=hidden.device)]
         lp, ent, sq, mean, top = out
@@ -166,6 +172,11 @@ class TiledLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent, *_):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return TiledLogProbs._backward(ctx, g_lp, g_ent)
+
+    @staticmethod
+    def _backward(ctx, g_lp, g_ent):
         hidden, weight, bias, targets, lse_all, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, n = ctx.dtype, hidden.shape[0]
