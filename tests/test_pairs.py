@@ -243,3 +243,46 @@ def test_bf16_lora_gradients_no_further_from_float64_than_trls(batch):
     assert rel_p95(per_tensor["pairs"]) <= 1.25 * rel_p95(per_tensor["trl"]), {k: rel_p95(v) for k, v in per_tensor.items()}
     assert overall["pairs"] <= 1.25 * overall["trl"], overall
     assert overall["trl"] < 0.1  # bf16's rounding, not a wrong gradient
+
+
+# ---------------------------------------------------------------------------------------------
+# FlexAttention: one call per pack with the layout's block mask (the CUDA path), forward-only on the CPU
+
+
+def test_flex_attention_equals_the_sdpa_loop_without_gradients(batch, monkeypatch):
+    """Compiled FlexAttention (dynamic shapes: one graph for every pack length) gives the SDPA loop's
+    hidden states within float32 rounding (measured 3e-6), one pack or five; which path runs is
+    chosen as documented (the CPU keeps the loop when gradients flow: flex has no CPU backward).
+    One compile of flex on the CPU, some 10-40 s here (inductor's cache makes later runs faster)."""
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float32).eval()
+    pairs.install(model)
+    segments = pairs.pair_segments(batch["input_ids"], batch["attention_mask"])
+    q = torch.zeros(1, 2, 4, 8)
+    monkeypatch.setattr(pairs, "FLEX", "auto")
+    assert not pairs.use_flex(q, q, q, 0.0)  # the CPU's default: the SDPA loop
+    monkeypatch.setattr(pairs, "FLEX", "on")
+    assert pairs.use_flex(q, q, q, 0.0) and not pairs.use_flex(q.requires_grad_(), q, q, 0.0) and not pairs.use_flex(q.detach(), q, q, 0.1)
+    calls, flex = [], pairs.flex_pack_attention
+    monkeypatch.setattr(pairs, "flex_pack_attention", lambda *a, **k: calls.append(1) or flex(*a, **k))
+    with torch.no_grad():
+        for budget in (pairs.PACK_TOKENS, 300):
+            packs, starts = pairs.pack(batch["input_ids"], segments, budget)
+            monkeypatch.setattr(pairs, "FLEX", "off")
+            loop = pairs.backbone_hidden(model, packs)
+            monkeypatch.setattr(pairs, "FLEX", "on")
+            n = len(calls)
+            with_flex = pairs.backbone_hidden(model, packs)
+            assert len(calls) - n == len(packs) * model.config.num_hidden_layers  # one flex call per pack and layer
+            assert (with_flex - loop).abs().max() < 2e-5, float((with_flex - loop).abs().max())
+
+    # the block mask, densely, is the pattern the SDPA loop attends with, built here from the segments
+    from torch.nn.attention.flex_attention import create_mask
+
+    layout = pairs.pack(batch["input_ids"], segments)[0][0].layout
+    dense = create_mask(layout.block_mask("cpu").mask_mod, 1, 1, layout.tokens, layout.tokens, device="cpu")[0, 0]
+    expected = torch.zeros(layout.tokens, layout.tokens, dtype=torch.bool)
+    for s, p, a, b in layout.segments:
+        expected[s : s + p + a, s : s + p + a] = torch.ones(p + a, p + a, dtype=torch.bool).tril()
+        expected[s + p + a : s + p + a + b, s : s + p] = True  # the rejected tail sees the shared prefix
+        expected[s + p + a : s + p + a + b, s + p + a : s + p + a + b] = torch.ones(b, b, dtype=torch.bool).tril()
+    assert torch.equal(dense, expected)
