@@ -145,24 +145,30 @@ def test_dpo_loss_gradients_match_through_nf4_lora_and_checkpointing(batch):
 # bf16 (NF4 base, bfloat16 compute, bf16 autocast: what a GPU recipe runs) against float64 truth
 
 
-def nf4_bf16():
-    """The NF4 base as lora-sdpo loads it for compute_dtype = "bfloat16": bf16 matmuls, bf16 non-quantised weights."""
+def nf4_model(compute=torch.bfloat16, device="cpu"):
+    """The NF4 base as lora-sdpo loads it (model.load_base): matmuls and non-quantised weights in `compute`."""
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL), quantization_config=q, dtype=torch.float32).eval()
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL), quantization_config=q, dtype=torch.float32, device_map={"": device}).eval()
     for p in model.parameters():
         if p.dtype == torch.float32:
-            p.data = p.data.to(torch.bfloat16)
+            p.data = p.data.to(compute)
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
     return model
 
 
+def nf4_bf16():
+    """compute_dtype = "bfloat16": bf16 matmuls, bf16 non-quantised weights."""
+    return nf4_model(torch.bfloat16)
+
+
 def float64_twin(model):
-    """The same weights in float64: each NF4 layer dequantised by bitsandbytes, every other tensor as stored."""
+    """The same weights in float64 on the model's device: each NF4 layer dequantised by bitsandbytes,
+    every other tensor as stored."""
     import bitsandbytes as bnb
 
     twin = AutoModelForCausalLM.from_pretrained(str(MODEL), dtype=torch.float64).eval()
@@ -170,11 +176,11 @@ def float64_twin(model):
     for name, m in twin.named_modules():
         if isinstance(src.get(name), bnb.nn.Linear4bit):
             w = src[name].weight
-            m.weight.data = bnb.functional.dequantize_4bit(w.data, w.quant_state).double()
+            m.weight.data = bnb.functional.dequantize_4bit(w.data, w.quant_state).double().cpu()
     for name, p in twin.named_parameters():
         if name in params and params[name].shape == p.shape:
-            p.data = params[name].data.double()
-    return twin
+            p.data = params[name].data.double().cpu()
+    return twin.to(next(model.parameters()).device)
 
 
 def with_lora(model):
