@@ -22,15 +22,19 @@ exact up to float rounding, not an approximation. A pair costs P + a + b tokens 
 instead of 2 * (longest row of the batch). Pairs never attend to each other; a forward packs them
 up to PACK_TOKENS tokens per backbone call.
 
-Attention is a registered transformers attention function (`AttentionInterface`): per pair, one
-causal SDPA over [shared | chosen tail], and one SDPA of the rejected tail's queries over the
-shared keys and values plus its own (the shared K/V are reused, not recomputed: flash-pref's trick
-without the varlen kernel). Calls without a pair layout (generation, anything else) go to plain
-SDPA. The layout travels in the forward's kwargs, so gradient checkpointing replays it.
+Attention is a registered transformers attention function (`AttentionInterface`). On CUDA/XPU
+(FLEX = "auto"): one compiled FlexAttention call per pack with a block mask built from the layout.
+Elsewhere, the SDPA loop: per pair, one causal SDPA over [shared | chosen tail], and one SDPA of
+the rejected tail's queries over the shared keys and values plus its own (the shared K/V are
+reused, not recomputed: flash-pref's trick without the varlen kernel). Calls without a pair layout
+(generation, anything else) go to plain SDPA. The layout travels in the forward's kwargs, so
+gradient checkpointing replays it.
 
-The LM head scores only the positions whose next token is a completion token, through TRL's
-public `trl.kernels.ChunkedLogProbFunction` (Triton on CUDA, torch tiles elsewhere) with a
-vocabulary tile sized so that one [tokens x vocab] tile stays under TILE_BYTES. The output is TRL's
+The LM head scores only the positions whose next token is a completion token: on CUDA through
+TRL's public `trl.kernels.ChunkedLogProbFunction` (Triton) with a vocabulary tile sized so that one
+[tokens x vocab] tile stays under TILE_BYTES, elsewhere through TiledLogProbs. The branch is TRL's
+own predicate `trl.kernels.chunked_logprob._use_triton`, read at call time (tests/test_triton_head.py
+sets it to run the Triton branch on CPU tensors under Triton's interpreter). The output is TRL's
 `FusedCausalLMOutput` in the padded two-row layout (log_probs, entropy, mean_logits, is_top1,
 log_sum_sq_probs), so TRL's loss code, metrics and every loss_type read it unchanged.
 
