@@ -113,9 +113,10 @@ def test_set_overrides_one_field_of_a_named_preset(tmp_path):
         load_recipe(quick, ["adapter.compute_dtype=float16"])
     with pytest.raises(RecipeError, match="adapter.rank: unknown key"):
         load_recipe(quick, ["adapter.rank=8"])
-    out = cli("plan", str(quick), "--set", "adapter.compute_dtype=bfloat16", "--set", "training.precision=bf16").stdout
-    assert "computes in: bfloat16 (NF4 base dequantised to bfloat16, bf16 autocast in training" in out
-    assert "compute=bfloat16" in out
+    from lora_sdpo.plan import compute_line  # plan's line (the CLI prints it: test_plan_on_quickstart)
+
+    assert compute_line(r.adapter, r.recipe.training).startswith("computes in: bfloat16 (NF4 base dequantised to bfloat16, bf16 autocast")
+    assert compute_line(r2.adapter, r2.recipe.training).startswith("computes in: mixed bfloat16/float32")
 
 
 def test_plan_on_quickstart():
