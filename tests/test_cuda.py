@@ -61,7 +61,7 @@ def test_flex_forward_and_backward_equal_the_sdpa_loop(gpu_batch, name, monkeypa
     if DEVICE == "cpu":
         pytest.skip("FlexAttention has no backward on the CPU")
     dtype = DTYPES[name]
-    results = {}
+    results, real = {}, pairs.flex_pack_attention
     for flex in ("on", "off"):
         monkeypatch.setattr(pairs, "FLEX", flex)
         model = nf4_model(dtype, DEVICE)
@@ -70,7 +70,7 @@ def test_flex_forward_and_backward_equal_the_sdpa_loop(gpu_batch, name, monkeypa
         peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft.enable_input_require_grads()
         peft.train()
-        calls, real = [], pairs.flex_pack_attention
+        calls = []
         monkeypatch.setattr(pairs, "flex_pack_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
         with autocast(dtype):
             out = fused(peft, gpu_batch, True)
