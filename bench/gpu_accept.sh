@@ -14,6 +14,12 @@
 #
 #   bash bench/gpu_accept.sh            # OUT=folder for logs and JSON (default /tmp/gpu-accept)
 #
+# Dependencies: on a machine with pip access, `pip install -e '.[test]'` over the CUDA build of torch
+# is enough. On a machine without network whose image lacks the project's pins (trl, bitsandbytes,
+# datasets, pydantic, and transformers/peft/huggingface_hub at this project's versions), put their
+# wheels (pip download --no-deps ..., for the machine's Python) in .whl/: they are installed from
+# there into /tmp/site first. The wheel set for a given image has not been assembled yet.
+#
 # Each part has its own time limit (A_S, B_S, C_S seconds) so that the whole stays within 8 minutes;
 # a part that runs out is reported as such and the others still run.
 set -uo pipefail
