@@ -486,8 +486,9 @@ def parse_value(text: str) -> Any:
 def apply_overrides(data: dict, overrides: list[str], preset=None) -> dict:
     """Apply `key.path=value` overrides; list items are addressed by index (steps.0.sources.0.limit=8).
 
-    `adapter.KEY=VALUE` on a recipe whose `adapter` names a preset overrides that one field of the
-    preset: `preset(name)` returns the preset's table, which replaces the name before the key is set.
+    `adapter.KEY=VALUE` on a recipe whose `adapter` names a preset (or that has none: the default
+    preset) overrides that one field of the preset: `preset(name)` returns the preset's table, which
+    replaces the name before the key is set.
     """
     for item in overrides:
         if "=" not in item:
@@ -501,8 +502,10 @@ def apply_overrides(data: dict, overrides: list[str], preset=None) -> dict:
                     raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of the list")
                 node = node[int(part)]
             else:
-                if i == 0 and part == "adapter" and isinstance(node.get(part), str) and preset is not None:
-                    node[part] = preset(node[part])
+                if i == 0 and part == "adapter" and preset is not None:
+                    named = node.get(part, Recipe.model_fields["adapter"].default)  # no adapter key: the default preset
+                    if isinstance(named, str):
+                        node[part] = preset(named)
                 node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a table")

@@ -109,6 +109,9 @@ def test_set_overrides_one_field_of_a_named_preset(tmp_path):
     # a later --set adapter=NAME then adapter.KEY: the key applies to the preset named last
     r2 = load_recipe(quick, ["adapter=qlora-r16", "adapter.r=8"])
     assert r2.adapter.r == 8 and r2.adapter.compute_dtype == "bfloat16" and "preset qlora-r16" in r2.adapter_source
+    default = load_recipe(_bad(tmp_path, MINIMAL), ["adapter.r=4"])  # no adapter key: the default preset's fields
+    assert default.adapter.r == 4 and default.adapter_source.startswith("preset qlora-r16 (")
+    assert default.adapter.model_dump(exclude={"r"}) == load_recipe(_bad(tmp_path, MINIMAL)).adapter.model_dump(exclude={"r"})
     with pytest.raises(RecipeError, match="adapter.compute_dtype"):
         load_recipe(quick, ["adapter.compute_dtype=float16"])
     with pytest.raises(RecipeError, match="adapter.rank: unknown key"):
