@@ -56,8 +56,9 @@ def test_pair_forward_on_the_device_against_full_logits(gpu_batch, name):
 @pytest.mark.parametrize("name", DTYPES)
 def test_flex_forward_and_backward_equal_the_sdpa_loop(gpu_batch, name, monkeypatch):
     """The DPO loss's log-probs and LoRA gradients through FlexAttention equal the SDPA loop's:
-    float32 within 1e-5 (sums, relative) and 1e-4 (gradients, relative norm); bf16 within 2e-3 and 3e-2
-    (two bf16 computations of the same thing: the CPU bf16 arm measures 6e-4 and 2e-2 against float64)."""
+    float32 within 1e-5 (sums, relative) and 1e-4 (gradients, relative norm); bf16 within 3e-3 and 5e-2:
+    two bf16 computations of the same thing, each of which the CPU's bf16 arm measures at 6e-4 (sums,
+    at worst) and 2.2e-2 (gradients, the worst tensor) from float64, so their gap is up to about twice that."""
     if DEVICE == "cpu":
         pytest.skip("FlexAttention has no backward on the CPU")
     dtype = DTYPES[name]
@@ -79,7 +80,7 @@ def test_flex_forward_and_backward_equal_the_sdpa_loop(gpu_batch, name, monkeypa
         assert bool(calls) == (flex == "on")  # forward and the checkpointed replay went through flex
         results[flex] = (out.log_probs.detach().double().sum(1), {n: p.grad.double() for n, p in peft.named_parameters() if p.requires_grad})
     (s_flex, g_flex), (s_loop, g_loop) = results["on"], results["off"]
-    tol_sum, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (2e-3, 3e-2)
+    tol_sum, tol_grad = (1e-5, 1e-4) if dtype == torch.float32 else (3e-3, 5e-2)
     rel = ((s_flex - s_loop).abs() / s_loop.abs().clamp(min=1)).max()
     assert rel < tol_sum, float(rel)
     worst = max(float((g_flex[n] - g).norm() / g.norm()) for n, g in g_loop.items())
