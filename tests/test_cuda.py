@@ -91,9 +91,9 @@ def test_flex_forward_and_backward_equal_the_sdpa_loop(gpu_batch, name, monkeypa
 @pytest.mark.parametrize("name", DTYPES)
 def test_triton_head_against_full_logits(name):
     """TRL's Triton kernel as pairs.head_log_probs calls it (the pair forward's vocabulary tile, 32,064
-    columns, two token chunks): log-probs and entropy within float32 rounding of float64 log_softmax
-    over the same logits (bf16: the logits rounded to bf16 as the kernel's tile is), gradients of
-    hidden and weight within 1e-4 (float32) and 2e-2 (bf16) relative."""
+    columns, two token chunks): log-probs within 1e-4 (entropy 1e-3) of float64 log_softmax over the
+    same logits (bf16: the logits rounded to bf16 as the kernel's tile is, within one bf16 step of the
+    largest logit), gradients of hidden and weight within 1e-4 (float32) and 2e-2 (bf16) relative."""
     from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, _use_triton
 
     if not _use_triton(torch.device(DEVICE)):
@@ -108,12 +108,17 @@ def test_triton_head_against_full_logits(name):
     (lp.sum() + 0.1 * ent.sum()).backward()
     hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     z = hd @ wd.t()
+    tol_value = 1e-4
     if dtype == torch.bfloat16:
-        z = z + ((h.detach() @ w.detach().t()).double() - z).detach()  # the bf16 tile's values, float64 gradients
+        # the bf16 tile's values (the kernel's token chunks, as TRL multiplies them), float64 gradients;
+        # cuBLAS may still round a logit to the neighbouring bf16 value: allow one bf16 step of the largest
+        tile = torch.cat([h.detach()[s : s + TOKEN_CHUNK_SIZE] @ w.detach().t() for s in range(0, n, TOKEN_CHUNK_SIZE)]).double()
+        z = z + (tile - z).detach()
+        tol_value = 2**-8 * float(tile.abs().max())
     logp = torch.log_softmax(z, -1)
     ref_lp, ref_ent = logp.gather(1, t[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
     (ref_lp.sum() + 0.1 * ref_ent.sum()).backward()
-    assert float((lp.double() - ref_lp).abs().max()) < 1e-4 and float((ent.double() - ref_ent).abs().max()) < 1e-3
+    assert float((lp.double() - ref_lp).abs().max()) < tol_value and float((ent.double() - ref_ent).abs().max()) < 10 * tol_value
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for got, want in ((h.grad, hd.grad), (w.grad, wd.grad)):
         assert float((got.double() - want).norm() / want.norm()) < tol
