@@ -21,7 +21,7 @@ parameters of the linear layers and the LM head), against the card's dense bf16 
 (--peak-tflops, 989 for H100/H200 SXM); and the planner's estimate for the same shapes.
 
 Expected device time: about 6-8 minutes for both runs at the full shape (not measured); use
---layers 16 to halve it. Disk: ~45 GB (the bf16 model and the float32 M_1).
+--layers 16 to halve it. bench/gpu_accept.sh runs it at 8 layers, 32 pairs, arms pairs,trl. Disk: ~45 GB (the bf16 model and the float32 M_1).
 
 On the device machine (torch is there; trl, bitsandbytes, datasets, pydantic... travel as
 wheels, see /work/.library/device/README.md), from the repository root:
@@ -69,7 +69,7 @@ precision = "bf16"
 [diagnostics]
 gamma_matrix = false
 [retention]
-sample_size = 64
+sample_size = {retention}
 [[steps]]
 [[steps.sources]]
 path = "{data}"
@@ -190,8 +190,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak")
     p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--arms", default="pairs,lora-sdpo,trl",
+                   help="comma-separated: pairs (lora-sdpo, pair forward), lora-sdpo (lora-sdpo, TRL's forward), trl (plain TRL)")
     p.add_argument("--json")
     a = p.parse_args()
+    arms = set(a.arms.split(",")) - ({"trl"} if a.skip_trl else set())
+    assert arms and arms <= {"pairs", "lora-sdpo", "trl"}, f"--arms {a.arms}: expected pairs, lora-sdpo, trl"
     assert torch.cuda.is_available(), "this check needs a GPU"
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -202,7 +206,7 @@ def main() -> None:
     synthetic_pairs(work / "pairs.jsonl", a.pairs, a.max_length)
     tokens = a.pairs * 2 * a.max_length  # every sequence is cut at max_length
     recipe = work / "recipe.toml"
-    recipe.write_text(RECIPE.format(model=work / "model", data=work / "pairs.jsonl", max_length=a.max_length))
+    recipe.write_text(RECIPE.format(model=work / "model", data=work / "pairs.jsonl", max_length=a.max_length, retention=min(64, a.pairs)))
     results = {"device": torch.cuda.get_device_name(), "N": n, "tokens": tokens}
 
     from lora_sdpo.plan import memory_estimate
@@ -213,16 +217,21 @@ def main() -> None:
     results["planner_gib"] = round(sum(est.values()) / GIB, 2)
     print(f"gpu | planner estimate {results['planner_gib']} GiB: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.items()), flush=True)
 
-    results["lora_sdpo_pairs"] = run_lora_sdpo(recipe, work / "run-pairs", tokens, n, a.peak_tflops, sharing=True)
-    results["lora_sdpo"] = run_lora_sdpo(recipe, work / "run", tokens, n, a.peak_tflops, sharing=False)
-    if not a.skip_trl:
+    if "pairs" in arms:
+        results["lora_sdpo_pairs"] = run_lora_sdpo(recipe, work / "run-pairs", tokens, n, a.peak_tflops, sharing=True)
+    if "lora-sdpo" in arms:
+        results["lora_sdpo"] = run_lora_sdpo(recipe, work / "run", tokens, n, a.peak_tflops, sharing=False)
+    if "trl" in arms:
         results["trl"] = run_trl(work / "model", work / "pairs.jsonl", work / "trl", a.max_length, tokens, n, a.peak_tflops)
-        print(f"gpu | train time lora-sdpo / TRL: {results['lora_sdpo']['train_s'] / results['trl']['train_s']:.2f}", flush=True)
-    base = results.get("trl", results["lora_sdpo"])
-    print(f"gpu | pair forward vs {'plain TRL' if 'trl' in results else 'the TRL path'}: training "
-          f"{base['train_s'] / results['lora_sdpo_pairs']['train_s']:.2f}x faster, reference pass "
-          f"{base['reference_s'] / results['lora_sdpo_pairs']['reference_s']:.2f}x, peak allocated "
-          f"{results['lora_sdpo_pairs']['peak_allocated_gib']} vs {base['peak_allocated_gib']} GiB", flush=True)
+        if "lora_sdpo" in results:
+            print(f"gpu | train time lora-sdpo / TRL: {results['lora_sdpo']['train_s'] / results['trl']['train_s']:.2f}", flush=True)
+    base = results.get("trl", results.get("lora_sdpo"))
+    if base is not None and "lora_sdpo_pairs" in results:
+        print(f"gpu | pair forward vs {'plain TRL' if 'trl' in results else 'the TRL path'}: training "
+              f"{base['train_s'] / results['lora_sdpo_pairs']['train_s']:.2f}x faster, reference pass "
+              f"{base['reference_s'] / results['lora_sdpo_pairs']['reference_s']:.2f}x, peak allocated "
+              f"{results['lora_sdpo_pairs']['peak_allocated_gib']} vs {base['peak_allocated_gib']} GiB", flush=True)
+    results["layers"], results["pairs"], results["max_length"] = a.layers, a.pairs, a.max_length
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 

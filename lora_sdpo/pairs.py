@@ -22,15 +22,19 @@ exact up to float rounding, not an approximation. A pair costs P + a + b tokens 
 instead of 2 * (longest row of the batch). Pairs never attend to each other; a forward packs them
 up to PACK_TOKENS tokens per backbone call.
 
-Attention is a registered transformers attention function (`AttentionInterface`): per pair, one
-causal SDPA over [shared | chosen tail], and one SDPA of the rejected tail's queries over the
-shared keys and values plus its own (the shared K/V are reused, not recomputed: flash-pref's trick
-without the varlen kernel). Calls without a pair layout (generation, anything else) go to plain
-SDPA. The layout travels in the forward's kwargs, so gradient checkpointing replays it.
+Attention is a registered transformers attention function (`AttentionInterface`). On CUDA/XPU
+(FLEX = "auto"): one compiled FlexAttention call per pack with a block mask built from the layout.
+Elsewhere, the SDPA loop: per pair, one causal SDPA over [shared | chosen tail], and one SDPA of
+the rejected tail's queries over the shared keys and values plus its own (the shared K/V are
+reused, not recomputed: flash-pref's trick without the varlen kernel). Calls without a pair layout
+(generation, anything else) go to plain SDPA. The layout travels in the forward's kwargs, so
+gradient checkpointing replays it.
 
-The LM head scores only the positions whose next token is a completion token, through TRL's
-public `trl.kernels.ChunkedLogProbFunction` (Triton on CUDA, torch tiles elsewhere) with a
-vocabulary tile sized so that one [tokens x vocab] tile stays under TILE_BYTES. The output is TRL's
+The LM head scores only the positions whose next token is a completion token: on CUDA through
+TRL's public `trl.kernels.ChunkedLogProbFunction` (Triton) with a vocabulary tile sized so that one
+[tokens x vocab] tile stays under TILE_BYTES, elsewhere through TiledLogProbs. The branch is TRL's
+own predicate `trl.kernels.chunked_logprob._use_triton`, read at call time (tests/test_triton_head.py
+sets it to run the Triton branch on CPU tensors under Triton's interpreter). The output is TRL's
 `FusedCausalLMOutput` in the padded two-row layout (log_probs, entropy, mean_logits, is_top1,
 log_sum_sq_probs), so TRL's loss code, metrics and every loss_type read it unchanged.
 
@@ -41,6 +45,7 @@ log_sum_sq_probs), so TRL's loss code, metrics and every loss_type read it uncha
 from __future__ import annotations
 
 import functools
+import os
 import types
 from dataclasses import dataclass, field
 
@@ -61,10 +66,33 @@ class Layout:
     """Where each pair's parts sit in one packed row: (start, shared, chosen tail, rejected tail)."""
 
     segments: list[tuple[int, int, int, int]]
+    # FlexAttention's block mask of this pack, built on first use and reused by every layer (and by
+    # gradient checkpointing's replay): keyed by device
+    _block_masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokens(self) -> int:
         return sum(p + a + b for _, p, a, b in self.segments)
+
+    def block_mask(self, device):
+        """The pack's attention pattern as a FlexAttention BlockMask: a token attends to earlier tokens of
+        its own pair (causal in packed order), except that the rejected tail never sees the chosen tail."""
+        key = str(device)
+        if key not in self._block_masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            pair = torch.empty(self.tokens, dtype=torch.int32)
+            part = torch.empty(self.tokens, dtype=torch.int8)  # 0 shared, 1 chosen tail, 2 rejected tail
+            for i, (s, p, a, b) in enumerate(self.segments):
+                pair[s : s + p + a + b] = i
+                part[s : s + p], part[s + p : s + p + a], part[s + p + a : s + p + a + b] = 0, 1, 2
+            pair, part = pair.to(device), part.to(device)
+
+            def mask_mod(b, h, q, kv):
+                return (pair[q] == pair[kv]) & (kv <= q) & ~((part[q] == 2) & (part[kv] == 1))
+
+            self._block_masks[key] = create_block_mask(mask_mod, None, None, self.tokens, self.tokens, device=device)
+        return self._block_masks[key]
 
 
 @dataclass
@@ -87,6 +115,39 @@ def _rejected_mask(p: int, b: int, device) -> torch.Tensor:
     return mask
 
 
+# Which attention runs a pack: "auto" = one FlexAttention call per pack on CUDA/XPU, the SDPA loop
+# elsewhere; "on" = FlexAttention wherever it can run (off CUDA only without gradients: the CPU has
+# no flex backward); "off" = the SDPA loop everywhere. The environment's LORA_SDPO_FLEX sets it.
+FLEX = os.environ.get("LORA_SDPO_FLEX", "auto")
+
+
+def use_flex(query, key, value, dropout: float) -> bool:
+    """Whether this attention call takes FlexAttention (see FLEX); dropout needs the SDPA loop."""
+    if FLEX not in ("auto", "on", "off"):
+        raise ValueError(f"LORA_SDPO_FLEX={FLEX!r}: expected auto, on or off")
+    if FLEX == "off" or dropout > 0:
+        return False
+    accelerator = query.device.type in ("cuda", "xpu")
+    if FLEX == "auto" or accelerator:
+        return accelerator
+    return not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
+
+
+@functools.cache
+def compiled_flex():
+    """flex_attention compiled once, dynamic shapes (a new pack length does not recompile)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_pack_attention(query, key, value, layout: Layout, scaling=None):
+    """The whole pack in one FlexAttention call with the layout's block mask; (1, T, heads, d)."""
+    gqa = query.shape[1] != key.shape[1]
+    out = compiled_flex()(query, key, value, block_mask=layout.block_mask(query.device), scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()
+
+
 def pair_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: per-pair segments when a layout is passed, plain SDPA otherwise."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -94,6 +155,8 @@ def pair_attention(module, query, key, value, attention_mask, dropout: float = 0
     layout: Layout | None = kwargs.pop("lora_sdpo_pairs", None)
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if use_flex(query, key, value, dropout):
+        return flex_pack_attention(query, key, value, layout, scaling), None
     # query (1, heads, T, d); key, value (1, kv_heads, T, d)
     gqa = query.shape[1] != key.shape[1]
     out = []
@@ -140,6 +203,12 @@ class TiledLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, rows: int):
         ctx.set_materialize_grads(False)
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        # the projection runs in `dtype`; the statistics stay float32 (autocast would round vecdot to bf16)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return TiledLogProbs._forward(ctx, hidden, weight, bias, targets, rows, dtype)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, rows, dtype):
         n = hidden.shape[0]
         out = [torch.empty(n, device=hidden.device) for _ in range(4)] + [torch.empty(n, dtype=torch.bool, device=hidden.device)]
         lp, ent, sq, mean, top = out
@@ -166,6 +235,11 @@ class TiledLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent, *_):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return TiledLogProbs._backward(ctx, g_lp, g_ent)
+
+    @staticmethod
+    def _backward(ctx, g_lp, g_ent):
         hidden, weight, bias, targets, lse_all, ent = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, n = ctx.dtype, hidden.shape[0]

@@ -244,6 +244,19 @@ def overlap_lines(steps_data: list, ev, allow_eval_overlap: bool, exact_members:
     return lines
 
 
+def compute_line(adapter, training) -> str:
+    """Which dtype the recipe computes in: the base's matmuls (adapter.compute_dtype) and training's autocast."""
+    base = f"{'NF4 base dequantised to ' if adapter.quantization == 'nf4' else 'base weights in '}{adapter.compute_dtype}"
+    autocast = "bf16 autocast" if training.precision == "bf16" else "no autocast"
+    if adapter.compute_dtype == "bfloat16" and training.precision == "bf16":
+        head = "bfloat16"
+    elif adapter.compute_dtype == "float32" and training.precision == "fp32":
+        head = "float32"
+    else:
+        head = "mixed bfloat16/float32"
+    return f"computes in: {head} ({base}, {autocast} in training; LoRA weights and the LM head's log-softmax in float32)"
+
+
 def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
     cfg = recipe.recipe
     plan = Plan()
@@ -255,6 +268,7 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
         f"quantization={a.quantization} compute={a.compute_dtype} targets={','.join(a.target_modules)}"
     )
     t = cfg.training
+    plan.add(compute_line(a, t))
     eff = t.per_device_train_batch_size * t.gradient_accumulation_steps
     plan.add(
         f"training: beta={t.beta} lr={t.learning_rate} {t.lr_scheduler_type} warmup={t.warmup_ratio} "

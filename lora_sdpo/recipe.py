@@ -511,8 +511,13 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `key.path=value` overrides; list items are addressed by index (steps.0.sources.0.limit=8)."""
+def apply_overrides(data: dict, overrides: list[str], preset=None) -> dict:
+    """Apply `key.path=value` overrides; list items are addressed by index (steps.0.sources.0.limit=8).
+
+    `adapter.KEY=VALUE` on a recipe whose `adapter` names a preset (or that has none: the default
+    preset) overrides that one field of the preset: `preset(name)` returns the preset's table, which
+    replaces the name before the key is set.
+    """
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.beta=0.1")
@@ -525,6 +530,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                     raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an index of the list")
                 node = node[int(part)]
             else:
+                if i == 0 and part == "adapter" and preset is not None:
+                    named = node.get(part, Recipe.model_fields["adapter"].default)  # no adapter key: the default preset
+                    if isinstance(named, str):
+                        node[part] = preset(named)
                 node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
                 raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is a value, not a table")
@@ -574,8 +583,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     """Read, override, validate. Raises RecipeError with every problem at once."""
     path = Path(path).resolve()
     text, data = _load_toml(path)
+    presets: list[str] = []  # presets that --set adapter.KEY=VALUE turned into tables
+
+    def preset(name: str) -> dict:
+        adapter, preset_path = load_adapter_preset(name, path)
+        presets.append(f"preset {name} ({preset_path})")
+        return adapter.model_dump(mode="json")
+
     if overrides:
-        data = apply_overrides(data, list(overrides))
+        data = apply_overrides(data, list(overrides), preset)
     secrets = [key for key, v in _strings(data) if TOKEN_RE.search(v)]
     if secrets:
         raise RecipeError(
@@ -590,6 +606,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     if isinstance(recipe.adapter, str):
         adapter, preset_path = load_adapter_preset(recipe.adapter, path)
         source = f"preset {recipe.adapter} ({preset_path})"
+    elif presets:
+        changed = [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip().startswith("adapter.")]
+        adapter, source = recipe.adapter, f"{presets[-1]} with --set {', '.join(changed)}"
     else:
         adapter, source = recipe.adapter, "inline [adapter]"
     loaded = LoadedRecipe(path=path, text=text, recipe=recipe, adapter=adapter, adapter_source=source)

@@ -96,6 +96,32 @@ def test_set_overrides(tmp_path):
         load_recipe(p, ["steps.3.sources.0.limit=5"])
 
 
+def test_set_overrides_one_field_of_a_named_preset(tmp_path):
+    """--set adapter.KEY=VALUE on a recipe naming a preset changes that field only; plan and the manifest's
+    settings (LoadedRecipe.effective, LoadedRecipe.adapter) carry the result."""
+    quick = ROOT / "recipes" / "quickstart.toml"
+    plain = load_recipe(quick)
+    r = load_recipe(quick, ["adapter.compute_dtype=bfloat16", "training.precision=bf16"])
+    assert plain.adapter.compute_dtype == "float32" and r.adapter.compute_dtype == "bfloat16"
+    assert r.adapter.model_dump(exclude={"compute_dtype"}) == plain.adapter.model_dump(exclude={"compute_dtype"})
+    assert r.effective["adapter"]["compute_dtype"] == "bfloat16" and r.sha256 != plain.sha256
+    assert r.adapter_source.startswith("preset cpu-qlora-r16 (") and r.adapter_source.endswith("with --set adapter.compute_dtype")
+    # a later --set adapter=NAME then adapter.KEY: the key applies to the preset named last
+    r2 = load_recipe(quick, ["adapter=qlora-r16", "adapter.r=8"])
+    assert r2.adapter.r == 8 and r2.adapter.compute_dtype == "bfloat16" and "preset qlora-r16" in r2.adapter_source
+    default = load_recipe(_bad(tmp_path, MINIMAL), ["adapter.r=4"])  # no adapter key: the default preset's fields
+    assert default.adapter.r == 4 and default.adapter_source.startswith("preset qlora-r16 (")
+    assert default.adapter.model_dump(exclude={"r"}) == load_recipe(_bad(tmp_path, MINIMAL)).adapter.model_dump(exclude={"r"})
+    with pytest.raises(RecipeError, match="adapter.compute_dtype"):
+        load_recipe(quick, ["adapter.compute_dtype=float16"])
+    with pytest.raises(RecipeError, match="adapter.rank: unknown key"):
+        load_recipe(quick, ["adapter.rank=8"])
+    from lora_sdpo.plan import compute_line  # plan's line (the CLI prints it: test_plan_on_quickstart)
+
+    assert compute_line(r.adapter, r.recipe.training).startswith("computes in: bfloat16 (NF4 base dequantised to bfloat16, bf16 autocast")
+    assert compute_line(r2.adapter, r2.recipe.training).startswith("computes in: mixed bfloat16/float32")
+
+
 def test_plan_on_quickstart():
     proc = cli("plan", str(ROOT / "recipes" / "quickstart.toml"))
     out = proc.stdout
@@ -105,6 +131,7 @@ def test_plan_on_quickstart():
     assert "peak GPU memory estimate" in out
     assert "held-out eval" in out
     assert "NOT REACHABLE" not in out
+    assert "computes in: float32 (NF4 base dequantised to float32, no autocast in training" in out
 
 
 def test_plan_on_two_step_offline_says_what_is_not_reachable():
