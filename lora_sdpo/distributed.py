@@ -48,6 +48,8 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    machine: int = 0  # the machine (node) rank, --machine-rank
+    machines: int = 1
 
     @property
     def main(self) -> bool:
@@ -59,11 +61,14 @@ class World:
 
 
 def world() -> World:
-    """This process's place, from the launcher's environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+    """This process's place, from the launcher's environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK,
+    and GROUP_RANK / GROUP_WORLD_SIZE for the machine)."""
     return World(
         rank=int(os.environ.get("RANK", 0)),
         size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        machine=int(os.environ.get("GROUP_RANK", 0)),
+        machines=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
     )
 
 
@@ -178,7 +183,7 @@ def check(recipe, processes: int) -> None:
 
     t = recipe.recipe.training
     split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
-    check_strategy(recipe.recipe.distributed, torch.cuda.is_available())
+    check_strategy(recipe.recipe.distributed, _has_accelerator())
 
 
 def start(recipe, processes: int | None) -> World:
@@ -290,9 +295,11 @@ class BatchLedger(TrainerCallback):
         self.steps: dict[int, list[str]] = {}
         self.micro_batches = 0
         self._handle = None
+        self._model = None
         self._step = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model
         self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -314,8 +321,13 @@ class BatchLedger(TrainerCallback):
         )
 
     def summary(self, rank: int) -> dict:
+        w = world()
         return {
             "rank": rank,
+            "machine": w.machine,
+            "host": socket.gethostname(),
+            "local_rank": w.local_rank,
+            **({"fsdp_shards": shard_report(self._model)} if self._model is not None and _is_fsdp2(self._model) else {}),
             "micro_batches": self.micro_batches,
             "pairs": sum(len(v) for v in self.steps.values()),
             "optimizer_steps": len(self.steps),
@@ -339,9 +351,14 @@ def trainer_args(cfg) -> dict:
         "ddp_timeout": int(cfg.timeout_minutes * 60),
     }
     if cfg.strategy == "fsdp":
-        # FSDP2 (transformers' default), one unit per decoder layer; transformers wraps the LoRA
-        # layers apart and sets FSDP's mixed precision to the 4-bit storage dtype for a PEFT model
-        # (update_fsdp_plugin_peft). Untested here: accelerate runs FSDP only on accelerators.
+        # FSDP2 through accelerate (`fsdp2_prepare_model`): one unit per decoder layer (the model's
+        # _no_split_modules), the embeddings and the final norm + LM head as units of their own, the
+        # root last. The LoRA weights are sharded inside their decoder layer's unit: transformers'
+        # update_fsdp_plugin_peft (LoRA layers wrapped apart, mixed precision set to the 4-bit storage
+        # dtype) runs only when the optimizer is created after the model is prepared, which it is not
+        # under FSDP2 (Trainer._prepare_for_training), so nothing of it applies here. No mixed
+        # precision policy is needed: the 4-bit storage is the compute dtype (quant_storage below)
+        # and the adapter and norms are in it too (model.load_base), one dtype per unit as FSDP2 wants.
         args["fsdp"] = True
         args["fsdp_config"] = {
             "version": 2,
@@ -361,13 +378,48 @@ def quant_storage(cfg, adapter) -> str | None:
     return None
 
 
-def check_strategy(cfg, cuda: bool) -> None:
-    """Refuse what accelerate would silently change: FSDP on CPU processes (it runs DDP instead)."""
-    if cfg.strategy == "fsdp" and not cuda:
+def _has_accelerator() -> bool:
+    """A GPU or another accelerator torch knows (where accelerate enables FSDP itself)."""
+    import torch
+
+    return torch.accelerator.is_available()
+
+
+def check_strategy(cfg, accelerator: bool) -> None:
+    """Refuse what cannot run here: FSDP2's CPU offload pins host memory for an accelerator."""
+    if cfg.strategy == "fsdp" and cfg.fsdp_cpu_offload and not accelerator:
         raise RecipeError(
-            "distributed.strategy = \"fsdp\": accelerate runs FSDP only on GPUs (on CPU processes it would "
-            "silently train with DDP); use strategy = \"ddp\" here"
+            "distributed.fsdp_cpu_offload = true: FSDP2's CPU offload moves the shards between pinned host memory "
+            "and a GPU, and this machine has none (the processes already run on the CPU); set "
+            "distributed.fsdp_cpu_offload = false"
         )
+
+
+def prepare_accelerate(args) -> None:
+    """Let accelerate run FSDP2 on CPU processes (gloo), as it does on accelerators.
+
+    accelerate 1.15 turns FSDP on only for accelerator device types (AcceleratorState.__init__:
+    the FSDP branch is inside `distributed_type in [MULTI_GPU, MULTI_XPU, ...]`); on CPU processes
+    it keeps MULTI_CPU and silently trains with DDP. FSDP2 itself (torch's fully_shard) runs on
+    CPU processes over gloo, and the rest of accelerate's FSDP2 path does not depend on the device.
+    So, only when there is no accelerator, the state the trainer's Accelerator will find is made
+    here first, and given what that branch gives it: the FSDP distributed type and the plugin
+    (built from the same TrainingArguments the trainer builds its own from). Everything else,
+    preparing the model, sharding, gathering, checkpoints, is accelerate's and transformers' own.
+    """
+    if not (world().active and args.fsdp) or _has_accelerator():
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    state = AcceleratorState(mixed_precision=args.mixed_precision, cpu=True, dynamo_plugin=TorchDynamoPlugin(),
+                             fsdp_plugin=plugin, _from_accelerator=True)
+    if state.distributed_type == DistributedType.MULTI_CPU:  # what the FSDP branch would have set
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
 
 
 def check_trainer(trainer, cfg) -> None:
@@ -379,16 +431,45 @@ def check_trainer(trainer, cfg) -> None:
     seen = trainer.accelerator.num_processes
     if seen != w.size:
         raise RunError(f"the trainer sees {seen} process(es) of the {w.size} launched; each would train alone")
-    if cfg.strategy == "fsdp" and not trainer.is_fsdp_enabled:
-        raise RunError("distributed.strategy = \"fsdp\" but accelerate did not enable FSDP (it runs FSDP on GPUs only)")
+    if cfg.strategy == "fsdp" and not (trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2):
+        raise RunError("distributed.strategy = \"fsdp\" but accelerate did not enable FSDP2")
 
 
 def adapter_state_dict(trainer):
-    """The adapter's full state dict where the weights are sharded (FSDP: a collective, every process
-    calls it); None under DDP or one process, where the main process's model holds it whole."""
+    """The adapter's full weights where they are sharded (FSDP: a collective, every process calls
+    it; the main process gets them, the others an empty dict); None under DDP or one process, where
+    the main process's model holds them whole. Only the trainable (LoRA) weights are gathered, not
+    the base."""
     if not getattr(trainer, "is_fsdp_enabled", False):
         return None
-    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(trainer.model_wrapped, options=options)
+
+
+def _is_fsdp2(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_report(model) -> dict:
+    """How this process holds the 4-bit weights under FSDP2: how many of them are sharded, and the
+    elements of their packed storage here against the whole (ranks.json: the proof that the base
+    is split among the processes, not replicated)."""
+    import bitsandbytes as bnb
+    from torch.distributed.tensor import DTensor
+
+    weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    sharded = [w for w in weights if isinstance(w, DTensor)]
+    return {
+        "nf4_weights": len(weights),
+        "sharded": len(sharded),
+        "local_elements": sum(w.to_local().numel() for w in sharded),
+        "whole_elements": sum(w.numel() for w in sharded),
+        "storage_dtype": str(sharded[0].dtype).removeprefix("torch.") if sharded else None,
+    }
 
 
 def batch_report(recipe, shares: list[dict], rows: int) -> dict:

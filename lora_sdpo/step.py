@@ -476,10 +476,12 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     tracking = StepTracking(recipe, run, index) if distributed.is_main() else None  # only the main process tracks
     set_seed(cfg.run.seed)  # LoRA's A is drawn inside DPOTrainer.__init__ (get_peft_model)
     t = time.perf_counter()
+    args = dpo_config(recipe, trainer_dir, index)
+    distributed.prepare_accelerate(args)  # FSDP2 on CPU processes too (accelerate enables it on accelerators only)
     trainer = ResumableDPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=dpo_config(recipe, trainer_dir, index),
+        args=args,
         train_dataset=dataset,
         processing_class=ctx.tokenizer,
         peft_config=lora_config(recipe.adapter),
