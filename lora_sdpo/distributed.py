@@ -1,4 +1,4 @@
-"""Several processes through accelerate: launching, the global batch, who does what, and proof.
+"""Several processes and machines through accelerate: launching, the global batch, who does what, and proof.
 
 `lora-sdpo run RECIPE --num-processes N` re-runs the same command under `accelerate launch`
 (torch's elastic launcher underneath), so it is the same as what a user types by hand:
@@ -6,19 +6,27 @@
     accelerate launch --multi_gpu --num_processes N -m lora_sdpo run RECIPE ...
 
 (`--multi_gpu` selects accelerate's torchrun launcher; on a CPU machine it starts N CPU processes
-that talk over gloo. `accelerate launch --cpu --num_processes N` starts only one process.)
+that talk over gloo. `accelerate launch --cpu --num_processes N` starts only one.) With
+`--num-machines M --machine-rank R --main-process-ip IP --main-process-port P` the same command runs
+once on every machine, and accelerate's `--num_machines`/`--machine_rank` join them into one job.
 
 Inside each process:
   - `init` joins the process group (gloo on CPUs, nccl on GPUs) with the recipe's timeout before
     transformers does, and refuses to go on when this process cannot see the others: the trap
-    where a launcher starts N processes that each train alone on all the data.
-  - every process loads the NF4 model and trains under DDP (or FSDP); TRL splits the reference
-    pass across the processes and gathers it into one cache; the per-process batch and
-    accumulation are chosen so that per-device x accumulation x N is the recipe's global batch.
+    where a launcher starts N processes that each train alone on all the data. Each process then
+    counts up a heartbeat in the launcher's store.
+  - `check_shared_dir`: every process proves that it sees the run directory the main process
+    sees (a token written by the one, read back by the others), or all stop, writing nothing.
+  - every process loads the NF4 model and trains under DDP, or FSDP2 (the base sharded; on CPU
+    processes through `prepare_accelerate`); TRL splits the reference pass across the processes
+    and gathers it into one cache; the per-process batch and accumulation are chosen so that
+    per-device x accumulation x N is the recipe's global batch.
   - the main process alone writes the run directory: manifest, merge, retention, gamma matrix,
     report; the others wait at a barrier and then load M_t for the next step.
-  - a process that fails ends itself; the launcher then stops the others (torch elastic), and a
-    process stuck waiting for a dead peer gives up after `distributed.timeout_minutes`.
+  - a process that fails ends itself; the launcher then stops the others on its machine (torch
+    elastic), the other machines' processes lose their connection and name the processes whose
+    heartbeat stopped (`lost_peer_message`), and a process stuck waiting for a peer that hangs
+    gives up after `distributed.timeout_minutes`.
 """
 
 from __future__ import annotations
