@@ -169,10 +169,10 @@ def launch(argv: list[str], processes: int, echo=print, machines: Machines = Mac
             return 0
         folder = Path(errors)
         messages = [json.loads(f.read_text()) for f in folder.glob("rank-*.error")]
+        # A process that lost its connection names the processes whose heartbeat stopped.
         lost = [m for m in messages if m.get("lost")]
-        if lost:  # this machine's processes lost the others: say who, not how the socket closed
+        if lost:
             echo(f"error: the run stopped: {min(lost, key=lambda m: m['time'])['message']}")
-            return 1
         # A process that started and neither finished nor left a message was killed (a signal, the
         # OOM killer); the others' errors are then mostly their lost connection to it.
         silent = sorted(int(f.stem.split("-")[1]) for f in folder.glob("rank-*.started")
@@ -184,6 +184,8 @@ def launch(argv: list[str], processes: int, echo=print, machines: Machines = Mac
             echo(f"error: the run stopped: {who}{where} ended without a message (killed, or stopped by the launcher "
                  "when another one ended); accelerate's summary above names the first (Root Cause) and its exit code. "
                  f"Run the same command again{' on every machine' if machines.count > 1 else ''} to resume.")
+            return 1
+        if lost:
             return 1
         first = min(messages, key=lambda m: m["time"])  # the others mostly lost their connection to it
         echo(f"error: process {first['rank']} of {size} failed first: {first['message']}")
@@ -323,6 +325,8 @@ def lost_peer_message(watch_s: float = 4 * BEAT_SECONDS + 1) -> str:
     per_machine = max(1, w.size // max(1, w.machines))
     again = "run the same command again" + (" on every machine" if w.machines > 1 else "") + \
         " to resume from the last checkpoint"
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:  # not a torch elastic launch
+        return f"process {w.rank} of {w.size} lost its connection to another process; {again}"
     try:
         store = _store(5)
         before = [int(store.add(_BEAT.format(r), 0)) for r in range(w.size)]
