@@ -84,6 +84,7 @@ def run(recipe, output, overrides, restart, num_processes, num_machines, machine
         sys.exit(distributed.launch(argv + (["--restart"] if restart else []), n,
                                     echo=lambda m: click.echo(m, err=True), machines=machines))
     w = distributed.start(loaded, num_processes)  # one of several processes, or the only one
+    distributed.check_shared_dir(loaded.output_dir(output))  # every process sees the run directory, or none goes on
     _quiet_libraries()
     from rich.console import Console
 

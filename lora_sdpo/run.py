@@ -103,8 +103,6 @@ def recipe_changes(old: dict | None, new: dict, n: int = 6) -> str:
 
 
 def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = False, log=print) -> dict:
-    # (distributed) every process sees the run directory the main process sees, or none goes on
-    distributed.check_shared_dir(recipe.output_dir(output))
     # Model, data and trackers are checked before the run directory is touched: bad input writes nothing.
     tracking.require(recipe)
     base_dir = local_model_dir(recipe.model_location(), recipe.recipe.model.revision)

@@ -230,7 +230,7 @@ def fsdp_run(tmp_path_factory, data_dir):
 
 def test_fsdp2_on_cpu_processes_shards_nf4_and_trains_as_ddp(fsdp_run, distributed_run):
     m = json.loads((fsdp_run / "manifest.json").read_text())
-    assert m["settings"]["distributed"]["strategy"] == "fsdp"
+    assert m["settings"]["recipe"]["distributed"]["strategy"] == "fsdp"
     step, ddp = m["steps"][0], json.loads((distributed_run["out"] / "manifest.json").read_text())["steps"][0]
     assert step["processes"]["strategy"] == "fsdp" and step["processes"]["count"] == 2
     # every 4-bit weight is sharded: each process holds half of its packed storage (float32 words)
