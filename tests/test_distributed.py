@@ -5,8 +5,8 @@ One 2-process run is shared: step 1 (8 pairs, global batch 4 = 2 per process) fi
 process 1 is killed in step 2, and the same command resumes it. The 1-process run it is compared
 with has the same global batch and the same micro-batches (2 pairs x 2 accumulated), so the only
 difference left is where the two halves' gradients are summed (DDP's all-reduce vs accumulation).
-Its step 1 is also the reference of the FSDP2 run (step 1 alone, the same 2 x 2 split) and of the
-run over two machines (two launches of one process each on 127.0.0.1, one of them killed after its
+It is also the reference of the FSDP2 run of the same recipe (the same 2 x 2 split) and, for step 1,
+of the run over two machines (two launches of one process each on 127.0.0.1, one of them killed after its
 first trainer checkpoint and both started again): the same two halves summed in the same order,
 so their adapters must be the same numbers.
 """
@@ -219,35 +219,37 @@ FSDP = '\n[distributed]\nstrategy = "fsdp"\n'
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, data_dir):
-    """Step 1 alone under FSDP2 in 2 processes: the split of the 2-process DDP run's step 1."""
+    """The 2-process DDP run's recipe under FSDP2, uninterrupted: the same 2 x 2 split of every step."""
     folder = tmp_path_factory.mktemp("fsdp")
-    recipe = write_recipe(folder, data_dir, steps=("orca.jsonl",), extra=FSDP)
+    recipe = write_recipe(folder, data_dir, extra=FSDP)
     out = folder / "run"
-    cli("run", str(recipe), "--output", str(out), *LIMITS[:2], "--set", "diagnostics.gamma_matrix=false",
-        "--num-processes", "2")
+    cli("run", str(recipe), "--output", str(out), *LIMITS, "--set", "diagnostics.gamma_matrix=false", "--num-processes", "2")
     return out
 
 
 def test_fsdp2_on_cpu_processes_shards_nf4_and_trains_as_ddp(fsdp_run, distributed_run):
     m = json.loads((fsdp_run / "manifest.json").read_text())
-    assert m["settings"]["recipe"]["distributed"]["strategy"] == "fsdp"
-    step, ddp = m["steps"][0], json.loads((distributed_run["out"] / "manifest.json").read_text())["steps"][0]
-    assert step["processes"]["strategy"] == "fsdp" and step["processes"]["count"] == 2
-    # every 4-bit weight is sharded: each process holds half of its packed storage (float32 words)
-    for r in json.loads((fsdp_run / "step-1" / "ranks.json").read_text()):
-        s = r["fsdp_shards"]
-        assert s["nf4_weights"] == s["sharded"] == 28 and s["storage_dtype"] == "float32", s
-        assert 2 * s["local_elements"] == s["whole_elements"], s
-    # The same micro-batches as DDP, and reduce-scatter sums the same two halves that all-reduce
-    # sums: the same numbers (tolerance 1e-6 for the losses and weights; measured: equal).
-    assert abs(step["first_loss"] - math.log(2)) < 1e-6
+    ddp = json.loads((distributed_run["out"] / "manifest.json").read_text())
+    assert m["settings"]["recipe"]["distributed"]["strategy"] == "fsdp" and m["status"] == "done"
+    for i, (step, other) in enumerate(zip(m["steps"], ddp["steps"]), 1):
+        assert step["processes"]["strategy"] == "fsdp" and step["processes"]["count"] == 2
+        # each step's reference is exactly its starting model: M_1 reached every process after the merge
+        assert abs(step["first_loss"] - math.log(2)) < 1e-6
+        # every 4-bit weight is sharded: each process holds half of its packed storage (float32 words)
+        for r in json.loads((fsdp_run / f"step-{i}" / "ranks.json").read_text()):
+            s = r["fsdp_shards"]
+            assert s["nf4_weights"] == s["sharded"] == 28 and s["storage_dtype"] == "float32", s
+            assert 2 * s["local_elements"] == s["whole_elements"], s
+        # The same micro-batches as DDP, and reduce-scatter sums the same two halves that all-reduce
+        # sums: the same numbers (tolerance 1e-6 for losses and weights; measured: equal).
+        assert abs(step["last_loss"] - other["last_loss"]) < 1e-6
+        a = load_file(fsdp_run / f"step-{i}" / "adapter" / "adapter_model.safetensors")
+        b = load_file(distributed_run["out"] / f"step-{i}" / "adapter" / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and len(a) == 56  # gathered whole: r16 A and B of 28 layers
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst < 1e-6, (i, worst)
+        assert abs(step["retention_detail"]["gamma_merged"] - other["retention_detail"]["gamma_merged"]) < 1e-4
     assert max(abs(a - b) for a, b in zip(_losses(fsdp_run), _losses(distributed_run["out"]))) < 1e-6
-    a = load_file(fsdp_run / "step-1" / "adapter" / "adapter_model.safetensors")
-    b = load_file(distributed_run["out"] / "step-1" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and len(a) == 56  # gathered whole: r16 A and B of 28 layers
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-6, worst
-    assert abs(step["retention_detail"]["gamma_merged"] - ddp["retention_detail"]["gamma_merged"]) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
