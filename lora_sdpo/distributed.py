@@ -289,8 +289,9 @@ def trainer_args(cfg) -> dict:
         # update_fsdp_plugin_peft (LoRA layers wrapped apart, mixed precision set to the 4-bit storage
         # dtype) runs only when the optimizer is created after the model is prepared, which it is not
         # under FSDP2 (Trainer._prepare_for_training), so nothing of it applies here. No mixed
-        # precision policy is needed: the 4-bit storage is the compute dtype (quant_storage below)
-        # and the adapter and norms are in it too (model.load_base), one dtype per unit as FSDP2 wants.
+        # precision policy is added: under bf16 autocast accelerate sets FSDP2's to bfloat16, and the
+        # 4-bit storage is then bfloat16 too (quant_storage below); FSDP2 asks one dtype of the
+        # trainable weights of a unit only, which the LoRA weights are (TRL keeps a QLoRA adapter in bf16).
         args["fsdp"] = True
         args["fsdp_config"] = {
             "version": 2,
@@ -303,10 +304,15 @@ def trainer_args(cfg) -> dict:
 
 
 def quant_storage(cfg, adapter) -> str | None:
-    """bnb's 4-bit storage dtype: the compute dtype under FSDP (it shards floats only, all of one
-    dtype per unit), else bnb's default uint8. The NF4 numbers are the same either way."""
-    if world().active and cfg.strategy == "fsdp" and adapter.quantization == "nf4":
-        return adapter.compute_dtype
+    """bnb's 4-bit storage dtype under FSDP, else bnb's default uint8 (the NF4 numbers are the same).
+
+    FSDP shards floating-point tensors only, and with mixed precision (training.precision =
+    "bf16") FSDP2 casts every weight it gathers to bfloat16, the packed 4-bit words included: stored
+    in any other float dtype, their bits would be rounded away. So the storage is the dtype FSDP
+    computes in: bfloat16 under bf16 autocast, else the compute dtype (`cfg`: the step's recipe).
+    """
+    if world().active and cfg.distributed.strategy == "fsdp" and adapter.quantization == "nf4":
+        return "bfloat16" if cfg.training.precision == "bf16" else adapter.compute_dtype
     return None
 
 

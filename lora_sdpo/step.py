@@ -459,7 +459,7 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     # Models: the target, and the reference (the same model with the adapter off unless the
     # target starts from S, the paper's ablation, where the reference M_{t-1} is loaded apart).
     t = time.perf_counter()
-    storage = distributed.quant_storage(cfg.distributed, recipe.adapter)  # fsdp shards floats only
+    storage = distributed.quant_storage(cfg, recipe.adapter)  # fsdp shards floats only
     model = load_base(target_dir, recipe.adapter, quant_storage=storage)
     ref_model = None if target_dir == prev_dir else load_base(prev_dir, recipe.adapter, quant_storage=storage)
     timings["load"] = time.perf_counter() - t
