@@ -33,14 +33,19 @@ class _Group(click.Group):
             rank, size = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", 1))
             click.echo(f"error: {f'[process {rank} of {size}] ' if size > 1 else ''}{e}", err=True)
             if size > 1:  # one of several processes: tell the launching `lora-sdpo run --num-processes`
-                from .distributed import record_error
+                from .launcher import record_error
 
                 record_error(str(e), 2)
             sys.exit(2)
         except Exception as e:
             if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-                from .distributed import record_error
+                from .launcher import is_connection_error, lost_peer_message, record_error
 
+                if is_connection_error(e):  # a peer went away: name it instead of the transport's traceback
+                    message = lost_peer_message()
+                    click.echo(f"error: {message}", err=True)
+                    record_error(message, 1, lost=True)
+                    sys.exit(1)
                 record_error(f"{type(e).__name__}: {e}", 1)
             raise
 
@@ -56,20 +61,30 @@ def main() -> None:
 @click.option("--output", "-o", help="Run directory (default: the recipe's run.output_dir, else runs/NAME).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. training.beta=0.05.")
 @click.option("--restart", is_flag=True, help="Delete the run directory's earlier run and start over.")
-@click.option("--num-processes", type=click.IntRange(min=1), help="Run in N processes through accelerate launch (one GPU each, or N CPU processes).")
-def run(recipe, output, overrides, restart, num_processes):
+@click.option("--num-processes", type=click.IntRange(min=1), help="Run in N processes through accelerate launch (one GPU each, or N CPU processes); on each machine with --num-machines.")
+@click.option("--num-machines", type=click.IntRange(min=1), default=1, help="Machines of the run: start the same command on each, with its own --machine-rank.")
+@click.option("--machine-rank", type=click.IntRange(min=0), help="This machine's rank, 0 to M-1 (0: the main machine).")
+@click.option("--main-process-ip", metavar="IP", help="Address of machine 0, reachable from every machine.")
+@click.option("--main-process-port", type=click.IntRange(1, 65535), metavar="PORT", help="Port on machine 0 for the rendezvous (default 29500).")
+def run(recipe, output, overrides, restart, num_processes, num_machines, machine_rank, main_process_ip, main_process_port):
     """Run every step of RECIPE; resumes a run directory that holds an unfinished run."""
-    from . import distributed
+    from . import distributed, launcher
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides)
-    if (num_processes or 1) > 1 and not distributed.world().active:
-        distributed.check(loaded, num_processes)  # refuse before anything starts
+    machines = launcher.Machines(num_machines, machine_rank, main_process_ip, main_process_port)
+    if ((num_processes or 1) > 1 or num_machines > 1) and not distributed.world().active:
+        machines.check()
+        distributed.check(loaded, (num_processes or 1) * num_machines)  # refuse before anything starts
         argv = ["run", recipe, *(["--output", output] if output else []), *[a for o in overrides for a in ("--set", o)]]
-        click.echo(f"launching {num_processes} processes through accelerate")
-        sys.exit(distributed.launch(argv + (["--restart"] if restart else []), num_processes,
-                                    echo=lambda m: click.echo(m, err=True)))
+        n = num_processes or 1
+        click.echo(f"launching {n} process{'es' if n > 1 else ''} through accelerate" + (
+            f" on machine {machine_rank} of {num_machines} (main {main_process_ip}:{main_process_port or launcher.DEFAULT_PORT})"
+            if num_machines > 1 else ""))
+        sys.exit(launcher.launch(argv + (["--restart"] if restart else []), n,
+                                    echo=lambda m: click.echo(m, err=True), machines=machines))
     w = distributed.start(loaded, num_processes)  # one of several processes, or the only one
+    launcher.check_shared_dir(loaded.output_dir(output))  # every process sees the run directory, or none goes on
     _quiet_libraries()
     from rich.console import Console
 

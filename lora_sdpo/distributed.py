@@ -1,4 +1,4 @@
-"""Several processes through accelerate: launching, the global batch, who does what, and proof.
+"""Several processes and machines through accelerate: the global batch, who does what, FSDP, and proof.
 
 `lora-sdpo run RECIPE --num-processes N` re-runs the same command under `accelerate launch`
 (torch's elastic launcher underneath), so it is the same as what a user types by hand:
@@ -6,41 +6,42 @@
     accelerate launch --multi_gpu --num_processes N -m lora_sdpo run RECIPE ...
 
 (`--multi_gpu` selects accelerate's torchrun launcher; on a CPU machine it starts N CPU processes
-that talk over gloo. `accelerate launch --cpu --num_processes N` starts only one process.)
+that talk over gloo. `accelerate launch --cpu --num_processes N` starts only one.) With
+`--num-machines M --machine-rank R --main-process-ip IP --main-process-port P` the same command runs
+once on every machine, and accelerate's `--num_machines`/`--machine_rank` join them into one job.
+launcher.py starts them and says how they ended; this module is what runs inside them.
 
 Inside each process:
   - `init` joins the process group (gloo on CPUs, nccl on GPUs) with the recipe's timeout before
     transformers does, and refuses to go on when this process cannot see the others: the trap
-    where a launcher starts N processes that each train alone on all the data.
-  - every process loads the NF4 model and trains under DDP (or FSDP); TRL splits the reference
-    pass across the processes and gathers it into one cache; the per-process batch and
-    accumulation are chosen so that per-device x accumulation x N is the recipe's global batch.
+    where a launcher starts N processes that each train alone on all the data. Each process then
+    counts up a heartbeat in the launcher's store.
+  - `launcher.check_shared_dir`: every process proves that it sees the run directory the main process
+    sees (a token written by the one, read back by the others), or all stop, writing nothing.
+  - every process loads the NF4 model and trains under DDP, or FSDP2 (the base sharded; on CPU
+    processes through `prepare_accelerate`); TRL splits the reference pass across the processes
+    and gathers it into one cache; the per-process batch and accumulation are chosen so that
+    per-device x accumulation x N is the recipe's global batch.
   - the main process alone writes the run directory: manifest, merge, retention, gamma matrix,
     report; the others wait at a barrier and then load M_t for the next step.
-  - a process that fails ends itself; the launcher then stops the others (torch elastic), and a
-    process stuck waiting for a dead peer gives up after `distributed.timeout_minutes`.
+  - a process that fails ends itself; the launcher then stops the others on its machine (torch
+    elastic), the other machines' processes lose their connection and name the processes whose
+    heartbeat stopped (`launcher.lost_peer_message`), and a process stuck waiting for a peer that hangs
+    gives up after `distributed.timeout_minutes`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 from transformers import TrainerCallback
 
 from .errors import RecipeError, RunError
-
-ERROR_DIR_ENV = "LORA_SDPO_ERROR_DIR"  # where each process leaves its error message for the launcher
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    machine: int = 0  # the machine (node) rank, --machine-rank
+    machines: int = 1
 
     @property
     def main(self) -> bool:
@@ -59,11 +62,14 @@ class World:
 
 
 def world() -> World:
-    """This process's place, from the launcher's environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+    """This process's place, from the launcher's environment (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK,
+    and GROUP_RANK / GROUP_WORLD_SIZE for the machine)."""
     return World(
         rank=int(os.environ.get("RANK", 0)),
         size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        machine=int(os.environ.get("GROUP_RANK", 0)),
+        machines=int(os.environ.get("GROUP_WORLD_SIZE", 1)),
     )
 
 
@@ -95,80 +101,6 @@ def split_batch(per_device: int, accumulation: int, processes: int) -> tuple[int
 
 
 # ---------------------------------------------------------------------------------------------
-# Launching
-
-
-def launch_command(argv: list[str], processes: int, port: int | None = None) -> list[str]:
-    """The `accelerate launch` command that runs `lora_sdpo` with `argv` in N processes."""
-    return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port or _free_port()),
-        "-m", "lora_sdpo", *argv,
-    ]  # fmt: skip
-
-
-def launch(argv: list[str], processes: int, echo=print) -> int:
-    """Run `lora_sdpo argv` in N processes through accelerate; return the exit status to use.
-
-    The processes' own output goes to the terminal. When one fails, the launcher stops the others;
-    then one line names the process that failed first and its message (each process leaves it in
-    a folder passed in the environment), after the launcher's own summary.
-    """
-    with tempfile.TemporaryDirectory(prefix="lora-sdpo-errors-") as errors:
-        env = {**os.environ, ERROR_DIR_ENV: errors}
-        if "OMP_NUM_THREADS" not in env and not _has_gpu():
-            # torchrun gives each process 1 thread; on CPUs share the cores instead
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-        code = subprocess.run(launch_command(argv, processes), env=env).returncode
-        if code == 0:
-            return 0
-        folder = Path(errors)
-        messages = [json.loads(f.read_text()) for f in folder.glob("rank-*.error")]
-        # A process that started and neither finished nor left a message was killed (a signal, the
-        # OOM killer); the others' errors are then mostly their lost connection to it.
-        silent = sorted(int(f.stem.split("-")[1]) for f in folder.glob("rank-*.started")
-                        if not (folder / f"{f.stem}.error").exists() and not (folder / f"{f.stem}.finished").exists())
-        if silent or not messages:
-            who = (f"process{'es' if len(silent) > 1 else ''} {', '.join(map(str, silent))} of {processes}" if silent
-                   else f"one of its {processes} processes")
-            echo(f"error: the run stopped: {who} ended without a message (killed, or stopped by the launcher when "
-                 "another one ended); accelerate's summary above names the first (Root Cause) and its exit code. "
-                 "Run the same command again to resume.")
-            return 1
-        first = min(messages, key=lambda m: m["time"])  # the others mostly lost their connection to it
-        echo(f"error: process {first['rank']} of {processes} failed first: {first['message']}")
-        return first["status"]
-
-
-def record_error(message: str, status: int) -> None:
-    """Leave this process's error for the launching `lora-sdpo run --num-processes` (a no-op otherwise)."""
-    _record("error", {"message": message, "status": status, "time": time.time()})
-
-
-def _record(kind: str, content: dict | None = None) -> None:
-    """rank-R.started / .finished / .error in the launcher's folder: how each process ended."""
-    folder = os.environ.get(ERROR_DIR_ENV)
-    w = world()
-    if folder and w.active:
-        with contextlib.suppress(OSError):
-            Path(folder, f"rank-{w.rank}.{kind}").write_text(json.dumps({"rank": w.rank, **(content or {})}))
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---------------------------------------------------------------------------------------------
 # Inside the processes
 
 
@@ -178,7 +110,7 @@ def check(recipe, processes: int) -> None:
 
     t = recipe.recipe.training
     split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
-    check_strategy(recipe.recipe.distributed, torch.cuda.is_available())
+    check_strategy(recipe.recipe.distributed, _has_accelerator())
 
 
 def start(recipe, processes: int | None) -> World:
@@ -219,7 +151,10 @@ def init(timeout_minutes: float) -> World:
         )
     if not w.main:
         os.environ["TQDM_DISABLE"] = "1"  # TRL's and datasets' progress bars: the main process shows them
-    _record("started")
+    from .launcher import record, start_heartbeat
+
+    start_heartbeat(w.rank)
+    record("started")
     return w
 
 
@@ -269,7 +204,9 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _record("finished")
+    from .launcher import record
+
+    record("finished")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,9 +227,11 @@ class BatchLedger(TrainerCallback):
         self.steps: dict[int, list[str]] = {}
         self.micro_batches = 0
         self._handle = None
+        self._model = None
         self._step = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model
         self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -314,8 +253,13 @@ class BatchLedger(TrainerCallback):
         )
 
     def summary(self, rank: int) -> dict:
+        w = world()
         return {
             "rank": rank,
+            "machine": w.machine,
+            "host": socket.gethostname(),
+            "local_rank": w.local_rank,
+            **({"fsdp_shards": shard_report(self._model)} if self._model is not None and _is_fsdp2(self._model) else {}),
             "micro_batches": self.micro_batches,
             "pairs": sum(len(v) for v in self.steps.values()),
             "optimizer_steps": len(self.steps),
@@ -339,9 +283,15 @@ def trainer_args(cfg) -> dict:
         "ddp_timeout": int(cfg.timeout_minutes * 60),
     }
     if cfg.strategy == "fsdp":
-        # FSDP2 (transformers' default), one unit per decoder layer; transformers wraps the LoRA
-        # layers apart and sets FSDP's mixed precision to the 4-bit storage dtype for a PEFT model
-        # (update_fsdp_plugin_peft). Untested here: accelerate runs FSDP only on accelerators.
+        # FSDP2 through accelerate (`fsdp2_prepare_model`): one unit per decoder layer (the model's
+        # _no_split_modules), the embeddings and the final norm + LM head as units of their own, the
+        # root last. The LoRA weights are sharded inside their decoder layer's unit: transformers'
+        # update_fsdp_plugin_peft (LoRA layers wrapped apart, mixed precision set to the 4-bit storage
+        # dtype) runs only when the optimizer is created after the model is prepared, which it is not
+        # under FSDP2 (Trainer._prepare_for_training), so nothing of it applies here. No mixed
+        # precision policy is added: under bf16 autocast accelerate sets FSDP2's to bfloat16, and the
+        # 4-bit storage is then bfloat16 too (quant_storage below); FSDP2 asks one dtype of the
+        # trainable weights of a unit only, which the LoRA weights are (TRL keeps a QLoRA adapter in bf16).
         args["fsdp"] = True
         args["fsdp_config"] = {
             "version": 2,
@@ -354,20 +304,60 @@ def trainer_args(cfg) -> dict:
 
 
 def quant_storage(cfg, adapter) -> str | None:
-    """bnb's 4-bit storage dtype: the compute dtype under FSDP (it shards floats only, all of one
-    dtype per unit), else bnb's default uint8. The NF4 numbers are the same either way."""
-    if world().active and cfg.strategy == "fsdp" and adapter.quantization == "nf4":
-        return adapter.compute_dtype
+    """bnb's 4-bit storage dtype under FSDP, else bnb's default uint8 (the NF4 numbers are the same).
+
+    FSDP shards floating-point tensors only, and with mixed precision (training.precision =
+    "bf16") FSDP2 casts every weight it gathers to bfloat16, the packed 4-bit words included: stored
+    in any other float dtype, their bits would be rounded away. So the storage is the dtype FSDP
+    computes in: bfloat16 under bf16 autocast, else the compute dtype (`cfg`: the step's recipe).
+    """
+    if world().active and cfg.distributed.strategy == "fsdp" and adapter.quantization == "nf4":
+        return "bfloat16" if cfg.training.precision == "bf16" else adapter.compute_dtype
     return None
 
 
-def check_strategy(cfg, cuda: bool) -> None:
-    """Refuse what accelerate would silently change: FSDP on CPU processes (it runs DDP instead)."""
-    if cfg.strategy == "fsdp" and not cuda:
+def _has_accelerator() -> bool:
+    """A GPU or another accelerator torch knows (where accelerate enables FSDP itself)."""
+    import torch
+
+    return torch.accelerator.is_available()
+
+
+def check_strategy(cfg, accelerator: bool) -> None:
+    """Refuse what cannot run here: FSDP2's CPU offload pins host memory for an accelerator."""
+    if cfg.strategy == "fsdp" and cfg.fsdp_cpu_offload and not accelerator:
         raise RecipeError(
-            "distributed.strategy = \"fsdp\": accelerate runs FSDP only on GPUs (on CPU processes it would "
-            "silently train with DDP); use strategy = \"ddp\" here"
+            "distributed.fsdp_cpu_offload = true: FSDP2's CPU offload moves the shards between pinned host memory "
+            "and a GPU, and this machine has none (the processes already run on the CPU); set "
+            "distributed.fsdp_cpu_offload = false"
         )
+
+
+def prepare_accelerate(args) -> None:
+    """Let accelerate run FSDP2 on CPU processes (gloo), as it does on accelerators.
+
+    accelerate 1.15 turns FSDP on only for accelerator device types (AcceleratorState.__init__:
+    the FSDP branch is inside `distributed_type in [MULTI_GPU, MULTI_XPU, ...]`); on CPU processes
+    it keeps MULTI_CPU and silently trains with DDP. FSDP2 itself (torch's fully_shard) runs on
+    CPU processes over gloo, and the rest of accelerate's FSDP2 path does not depend on the device.
+    So, only when there is no accelerator, the state the trainer's Accelerator will find is made
+    here first, and given what that branch gives it: the FSDP distributed type and the plugin
+    (built from the same TrainingArguments the trainer builds its own from). Everything else,
+    preparing the model, sharding, gathering, checkpoints, is accelerate's and transformers' own.
+    """
+    if not (world().active and args.fsdp) or _has_accelerator():
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    state = AcceleratorState(mixed_precision=args.mixed_precision, cpu=True, dynamo_plugin=TorchDynamoPlugin(),
+                             fsdp_plugin=plugin, _from_accelerator=True)
+    if state.distributed_type == DistributedType.MULTI_CPU:  # what the FSDP branch would have set
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
 
 
 def check_trainer(trainer, cfg) -> None:
@@ -379,16 +369,45 @@ def check_trainer(trainer, cfg) -> None:
     seen = trainer.accelerator.num_processes
     if seen != w.size:
         raise RunError(f"the trainer sees {seen} process(es) of the {w.size} launched; each would train alone")
-    if cfg.strategy == "fsdp" and not trainer.is_fsdp_enabled:
-        raise RunError("distributed.strategy = \"fsdp\" but accelerate did not enable FSDP (it runs FSDP on GPUs only)")
+    if cfg.strategy == "fsdp" and not (trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2):
+        raise RunError("distributed.strategy = \"fsdp\" but accelerate did not enable FSDP2")
 
 
 def adapter_state_dict(trainer):
-    """The adapter's full state dict where the weights are sharded (FSDP: a collective, every process
-    calls it); None under DDP or one process, where the main process's model holds it whole."""
+    """The adapter's full weights where they are sharded (FSDP: a collective, every process calls
+    it; the main process gets them, the others an empty dict); None under DDP or one process, where
+    the main process's model holds them whole. Only the trainable (LoRA) weights are gathered, not
+    the base."""
     if not getattr(trainer, "is_fsdp_enabled", False):
         return None
-    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(trainer.model_wrapped, options=options)
+
+
+def _is_fsdp2(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_report(model) -> dict:
+    """How this process holds the 4-bit weights under FSDP2: how many of them are sharded, and the
+    elements of their packed storage here against the whole (ranks.json: the proof that the base
+    is split among the processes, not replicated)."""
+    import bitsandbytes as bnb
+    from torch.distributed.tensor import DTensor
+
+    weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    sharded = [w for w in weights if isinstance(w, DTensor)]
+    return {
+        "nf4_weights": len(weights),
+        "sharded": len(sharded),
+        "local_elements": sum(w.to_local().numel() for w in sharded),
+        "whole_elements": sum(w.numel() for w in sharded),
+        "storage_dtype": str(sharded[0].dtype).removeprefix("torch.") if sharded else None,
+    }
 
 
 def batch_report(recipe, shares: list[dict], rows: int) -> dict:

@@ -175,12 +175,23 @@ def memory_estimate(
     largest = max(h * s["q"], h * s["i"])
     base = linear * per_weight + other * compute
     lora_states = lora_parameter_count(config, adapter) * lora_bytes_per_parameter(adapter, training.optim)
-    if processes > 1 and distributed is not None and distributed.strategy == "fsdp":
-        layer = linear / layers * per_weight  # one decoder layer gathered whole for its forward/backward
-        base = layer + (0 if distributed.fsdp_cpu_offload else base / processes)
-        lora_states = lora_states / layers if distributed.fsdp_cpu_offload else lora_states / processes
+    fsdp = processes > 1 and distributed is not None and distributed.strategy == "fsdp"
+    if fsdp:
+        # FSDP2 as accelerate wraps it (distributed.trainer_args): the packed 4-bit storage, the
+        # embeddings, norms and head are split N ways; bitsandbytes keeps each weight's absmax and
+        # scales on its module, outside FSDP, so they stay whole on every process. Gathered whole
+        # while they compute: a decoder layer and the next one (prefetched), and the final norm + LM
+        # head unit, kept from the end of the forward to the start of the backward.
+        packed = 0.5 if adapter.quantization == "nf4" else per_weight
+        scales = linear * (per_weight - packed)
+        gathered = 2 * linear / layers * per_weight + (s["vocab"] * h + h) * compute
+        shard = (linear * packed + other * compute) / processes
+        base = scales + (0 if distributed.fsdp_cpu_offload else shard)
+        lora_states = lora_states * 2 / layers if distributed.fsdp_cpu_offload else lora_states / processes
     parts = {
-        "base weights": base,
+        ("base weights (a 1/N shard" + (" in CPU memory" if distributed.fsdp_cpu_offload else "") + ", NF4 scales whole)"
+         if fsdp else "base weights"): base,
+        **({"base units gathered whole (2 decoder layers, LM head)": gathered} if fsdp else {}),
         "LoRA weights, grads, optimizer states": lora_states,
         "activations" + (" (gradient checkpointing)" if gc else ""): acts,
         # the head's tile, and its float32 gradient of the hidden states
@@ -206,12 +217,35 @@ def memory_lines(config: dict, adapter: AdapterConfig, training: TrainingConfig,
     verdict = "; ".join(f"{g} GB: {'fits' if ok else 'does not fit'}" for g, ok in fits(total).items())
     batch, _ = split_batch(training.per_device_train_batch_size, training.gradient_accumulation_steps, processes)
     who = "" if processes == 1 else f" per process ({processes} processes, {distributed.strategy if distributed else 'ddp'})"
+    loading = []
+    if processes > 1 and distributed is not None and distributed.strategy == "fsdp":
+        # accelerate shards a 4-bit model after each process has loaded it whole onto its GPU
+        # (fsdp2_prepare_model keeps bitsandbytes weights off the meta device)
+        load = fsdp_load_bytes(config, adapter)
+        ok = {g: a and b for (g, a), b in zip(fits(total).items(), fits(load).values())}
+        verdict = "; ".join(f"{g} GB: {'fits' if v else 'does not fit'}" for g, v in ok.items())
+        loading = [f"  loading, before FSDP shards it: every process holds the whole base once, {load / GIB:.1f} GiB "
+                   "(accelerate shards a 4-bit model only after each process has loaded it onto its GPU; "
+                   "the verdicts above count it)"]
     return [
         f"peak GPU memory estimate{who}: {total / GIB:.1f} GiB at batch {batch} x "
         f"max_length {training.max_length} ({verdict})",
         *(f"  {k}: {v / GIB:.2f} GiB" for k, v in parts.items()),
+        *loading,
         f"  with gradient_checkpointing = {str(not training.gradient_checkpointing).lower()}: {other / GIB:.1f} GiB",
     ]
+
+
+def fsdp_load_bytes(config: dict, adapter: AdapterConfig) -> float:
+    """GPU memory of one process while it loads the base under fsdp: the whole 4-bit model (and the
+    CUDA context), before accelerate shards it."""
+    s = _shapes(config)
+    h, layers = s["h"], s["layers"]
+    compute = 2 if adapter.compute_dtype == "bfloat16" else 4
+    linear = layers * (2 * h * s["q"] + 2 * h * s["kv"] + 3 * h * s["i"])
+    other = s["vocab"] * h * (1 if s["tied"] else 2) + (2 * layers + 1) * h
+    per_weight = NF4_BYTES[adapter.double_quant] if adapter.quantization == "nf4" else compute
+    return linear * per_weight + other * compute + CUDA_CONTEXT
 
 
 def backbone_tokens(lens: list[tuple[int, int, int]], max_length: int, batch: int) -> tuple[float, float]:

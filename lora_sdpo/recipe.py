@@ -324,10 +324,10 @@ class DiagnosticsConfig(_Strict):
 class DistributedConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
-        description="With --num-processes N: ddp = every process holds the NF4 model; fsdp = the NF4 "
-        "weights are stored in the compute dtype and sharded across processes (QLoRA with FSDP).",
+        description="With --num-processes N: ddp = every process holds the NF4 model; fsdp = FSDP2 (QLoRA "
+        "with FSDP): the NF4 weights, stored in a float dtype, are sharded across the processes (GPUs or CPU processes).",
     )
-    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the sharded parameters in CPU memory between uses.")
+    fsdp_cpu_offload: bool = Field(False, description="fsdp: keep the sharded parameters in CPU memory between uses (GPUs only).")
     timeout_minutes: Annotated[float, Field(gt=0)] = Field(
         60, description="A process that waits longer than this for the others (a dead peer, the main process's merge) fails the run."
     )

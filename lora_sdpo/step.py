@@ -459,7 +459,7 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     # Models: the target, and the reference (the same model with the adapter off unless the
     # target starts from S, the paper's ablation, where the reference M_{t-1} is loaded apart).
     t = time.perf_counter()
-    storage = distributed.quant_storage(cfg.distributed, recipe.adapter)  # fsdp shards floats only
+    storage = distributed.quant_storage(cfg, recipe.adapter)  # fsdp shards floats only
     model = load_base(target_dir, recipe.adapter, quant_storage=storage)
     ref_model = None if target_dir == prev_dir else load_base(prev_dir, recipe.adapter, quant_storage=storage)
     timings["load"] = time.perf_counter() - t
@@ -476,10 +476,12 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     tracking = StepTracking(recipe, run, index) if distributed.is_main() else None  # only the main process tracks
     set_seed(cfg.run.seed)  # LoRA's A is drawn inside DPOTrainer.__init__ (get_peft_model)
     t = time.perf_counter()
+    args = dpo_config(recipe, trainer_dir, index)
+    distributed.prepare_accelerate(args)  # FSDP2 on CPU processes too (accelerate enables it on accelerators only)
     trainer = ResumableDPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=dpo_config(recipe, trainer_dir, index),
+        args=args,
         train_dataset=dataset,
         processing_class=ctx.tokenizer,
         peft_config=lora_config(recipe.adapter),

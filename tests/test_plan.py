@@ -57,3 +57,39 @@ def test_plan_lines_name_both_checkpointing_choices():
     lines = memory_lines(MISTRAL_7B, ZEPHYR, TWO_STEP)
     assert lines[0].startswith("peak GPU memory estimate:") and "24 GB: fits" in lines[0]
     assert "with gradient_checkpointing = false" in lines[-1]
+
+
+LLAMA_70B = dict(
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+    num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+)
+
+
+def test_fsdp_shards_a_70b_nf4_base_over_the_gpus():
+    from lora_sdpo.plan import fsdp_load_bytes
+    from lora_sdpo.recipe import DistributedConfig
+
+    fsdp = DistributedConfig(strategy="fsdp")
+    adapter = ZEPHYR.model_copy(update={"r": 16, "alpha": 32})
+    one, two, four = (memory_estimate(LLAMA_70B, adapter, TWO_STEP, processes=n, distributed=fsdp) for n in (1, 2, 4))
+    shard = "base weights (a 1/N shard, NF4 scales whole)"
+    # 69.5e9 linear weights: the packed 4 bits split N ways, their absmax/scales (1/64 byte + ...) whole
+    linear = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672)
+    other = 2 * 128256 * 8192 + 161 * 8192
+    for n, parts in ((2, two), (4, four)):
+        assert parts[shard] == pytest.approx((linear * 0.5 + other * 2) / n + linear * (NF4_BYTES[True] - 0.5))
+        assert parts["LoRA weights, grads, optimizer states"] == pytest.approx(one["LoRA weights, grads, optimizer states"] / n)
+    assert one["base weights"] / GIB == pytest.approx(36.8, abs=0.1)  # one process: no sharding
+    assert sum(one.values()) > sum(two.values()) > sum(four.values())
+    # loading: each process first holds the whole 4-bit base (accelerate shards it after), and the verdicts count it
+    assert fsdp_load_bytes(LLAMA_70B, adapter) / GIB == pytest.approx(37.4, abs=0.1)
+    lines = {n: memory_lines(LLAMA_70B, adapter, TWO_STEP, n, fsdp) for n in (1, 2, 4)}
+    assert lines[1][0].endswith("(24 GB: does not fit; 40 GB: does not fit; 80 GB: fits)")
+    assert lines[2][0].startswith("peak GPU memory estimate per process (2 processes, fsdp): 40.7 GiB")
+    assert lines[2][0].endswith("(24 GB: does not fit; 40 GB: does not fit; 80 GB: fits)")
+    assert lines[4][0].endswith("(24 GB: does not fit; 40 GB: fits; 80 GB: fits)")
+    assert any("loading, before FSDP shards it" in line for line in lines[4])
+    # at batch 1 x 16 accumulated the sharded training peak fits a 24 GB card, and the load is what does not
+    small = TWO_STEP.model_copy(update={"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16})
+    assert fits(sum(memory_estimate(LLAMA_70B, adapter, small, processes=4, distributed=fsdp).values()))[24]
+    assert "24 GB: does not fit" in memory_lines(LLAMA_70B, adapter, small, 4, fsdp)[0]
