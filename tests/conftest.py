@@ -8,10 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+# One CPU thread for this process and every CLI run it starts (they inherit the environment), set
+# before torch is imported. The tests' models are tiny: with two threads an NF4 forward spends most of
+# its time in OpenMP's hand-offs (a two-step run of the shared fixture took 4x the CPU time with two
+# threads on this 2-core machine), and the pytest process and a CLI run would compete for the cores.
+# LORA_SDPO_TEST_THREADS sets another count. Results do not depend on it: runs the tests compare
+# (a resumed run and the uninterrupted one, lora-sdpo and TRL by hand) run with the same count.
+os.environ["OMP_NUM_THREADS"] = os.environ.get("LORA_SDPO_TEST_THREADS", "1")
+os.environ["MKL_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch first
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
