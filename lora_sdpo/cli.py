@@ -191,11 +191,15 @@ def eval_(model_or_run, tasks, include, limit, steps, batch_size, adapter, preci
     from rich.table import Table
 
     from .harness import evaluate, results_table
+    from .report import build_report
+    from .rundir import is_run_dir
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     doc = evaluate(model_or_run, tasks, include=list(include), limit=limit, steps=steps, batch_size=batch_size,
                    adapter=adapter, precision=precision, compute_dtype=compute_dtype,
                    log=lambda m: console.print(m, soft_wrap=True, markup=False))
+    if is_run_dir(model_or_run):  # the scores went into its manifest: report.md shows them
+        doc["report"] = str(build_report(Path(model_or_run)))
     header, rows, notes = results_table(doc["models"])
     console.print(f"lm-evaluation-harness {doc['lm_eval']}: scores x 100 ± standard error", markup=False)
     table = Table()
@@ -296,7 +300,7 @@ def plan(recipe, overrides, num_processes):
               help="Add the delta to W, or to dequant(NF4(W)) as the QLoRA adapter saw it (see docs/chain-and-merge.md).")
 def merge(base, adapter, output, dtype, max_shard_size, merge_base):
     """Merge a LoRA ADAPTER into BASE, streamed tensor by tensor (the delta is added in float32)."""
-    from .hub import local_model_dir
+    from .fetch import local_model_dir
     from .merge import merge_lora
 
     res = merge_lora(local_model_dir(base), adapter, output, dtype=dtype, max_shard_size=max_shard_size, merge_base=merge_base)

@@ -23,17 +23,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from huggingface_hub import ModelCardData
 
 from . import __version__
-from .errors import RunError
+from .card import base_identity, base_license, hub_datasets, step_table
+from .errors import GGUFError
+from .export import pick_step, read_run
+from .merge import check_output
+from .rundir import EXPORT_MARKER as MARKER, atomic_dir
+from .shards import model_tensors, read_tensor
 
 QUANTS = ("f16", "q8_0")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-MARKER = "export.json"
-
-
-class GGUFError(RunError):
-    """A model the GGUF export cannot write exactly."""
 
 
 def check_architecture(config: dict, where: Path) -> None:
@@ -92,8 +93,6 @@ def _tensor_plan(model_dir: Path, config: dict, quant: str):
     """[(gguf name, hf name, gguf type)] in the order they are written."""
     import gguf
 
-    from .shards import model_tensors
-
     n_layers = config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     tensors = model_tensors(model_dir)
@@ -125,8 +124,6 @@ def _tensor_plan(model_dir: Path, config: dict, quant: str):
 
 
 def _array(info, gguf_name: str, config: dict) -> np.ndarray:
-    from .shards import read_tensor
-
     w = read_tensor(info).float().numpy()
     if gguf_name.endswith("attn_q.weight"):
         w = _permute(w, config["num_attention_heads"])
@@ -174,8 +171,6 @@ def write_gguf(model_dir: Path, path: Path, quant: str, name: str) -> None:
         tc = json.loads((model_dir / "tokenizer_config.json").read_text()) if (model_dir / "tokenizer_config.json").is_file() else {}
         if tc.get("chat_template"):
             w.add_chat_template(tc["chat_template"])
-
-    from .shards import model_tensors
 
     infos = model_tensors(model_dir)
     for gname, hf, kind in plan:
@@ -228,10 +223,6 @@ def modelfile(file_name: str, stops: list[str]) -> str:
 
 
 def gguf_card(run_dir: Path, manifest: dict, recipe_text: str, step: int, quant: str, file_name: str, licence: str | None) -> str:
-    from huggingface_hub import ModelCardData
-
-    from .card import base_identity, hub_datasets, step_table
-
     hub_id, base_name = base_identity(run_dir, manifest)
     total = len(manifest["steps"])
     meta: dict = {"library_name": "gguf"}
@@ -279,11 +270,6 @@ def gguf_card(run_dir: Path, manifest: dict, recipe_text: str, step: int, quant:
 
 def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str = "f16") -> dict:
     """Write EXPORT/ (see the module docstring) atomically; returns the marker's contents."""
-    from .card import base_license
-    from .export import _pick_step, read_run
-    from .merge import check_output
-    from .rundir import atomic_dir
-
     if quant not in QUANTS:
         raise GGUFError(f"--quant {quant!r}: choose f16 or q8_0")
     try:
@@ -291,7 +277,7 @@ def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str
     except ImportError:
         raise GGUFError("the GGUF export needs the gguf library; install it with: pip install 'lora-sdpo[gguf]'") from None
     run, manifest, recipe_text = read_run(run_dir)
-    step = _pick_step(run, manifest, step)
+    step = pick_step(run, manifest, step)
     model_dir = run.model_dir(step)
     if not model_dir.is_dir():
         raise GGUFError(f"{model_dir}: M_{step} was pruned (run.keep_models = \"last\"); export the last step, or rebuild "
@@ -300,8 +286,6 @@ def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str
     output = Path(output).resolve()
     check_output(output, {"run": run.root}, replaceable=(MARKER,))
     file_name = f"model-{quant}.gguf"
-    from .card import base_identity
-
     name = f"{base_identity(run.root, manifest)[1]} sDPO M_{step}"
     with atomic_dir(output) as tmp:
         write_gguf(model_dir, tmp / file_name, quant, name)

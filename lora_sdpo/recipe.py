@@ -449,7 +449,7 @@ _HINTS = {
 }
 
 
-def _format_errors(where: str, err: ValidationError) -> str:
+def format_errors(where: str, err: ValidationError) -> str:
     # A union (adapter = "name" | {table}) reports one error per member; keep the member that
     # matches what the user wrote and drop pydantic's member names from the key path.
     errors, seen = [], set()
@@ -534,7 +534,7 @@ def load_adapter_preset(name: str, recipe_path: Path) -> tuple[AdapterConfig, Pa
             try:
                 return AdapterConfig.model_validate(data), f
             except ValidationError as e:
-                raise RecipeError(_format_errors(str(f), e)) from None
+                raise RecipeError(format_errors(str(f), e)) from None
     known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
     raise RecipeError(
         f"{recipe_path}: adapter: no preset named {name!r} (looked in {', '.join(str(d) for d in dirs)}); "
@@ -558,7 +558,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(str(path), e)) from None
+        raise RecipeError(format_errors(str(path), e)) from None
     if isinstance(recipe.adapter, str):
         adapter, preset_path = load_adapter_preset(recipe.adapter, path)
         source = f"preset {recipe.adapter} ({preset_path})"

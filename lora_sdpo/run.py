@@ -10,7 +10,7 @@ from pathlib import Path
 from .data import prepare_run_data, tokenize_pair
 from . import distributed, faults, tracking
 from .errors import RunError, UserError
-from .hub import local_model_dir
+from .fetch import local_model_dir
 from .model import load_tokenizer
 from .recipe import LoadedRecipe
 from .rundir import RunDir, atomic_write_text, remove_temporaries, verify_files

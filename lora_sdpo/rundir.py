@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Iterator
 
 TMP_MARK = ".tmp-"
+EXPORT_MARKER = "export.json"  # written last into a finished export (export.py, gguf_export.py): the file list
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A folder `lora-sdpo run` wrote (it holds manifest.json), not an export of one."""
+    return (Path(path) / "manifest.json").is_file() and not (Path(path) / EXPORT_MARKER).exists()
 
 
 def _fsync_dir(path: Path) -> None:
