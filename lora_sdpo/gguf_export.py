@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from huggingface_hub import ModelCardData
 
 from . import __version__
-from .card import base_identity, base_license, hub_datasets, step_table
+from .card import base_identity, base_license, gguf_card
 from .errors import GGUFError
 from .export import pick_step, read_run
 from .merge import check_output
@@ -220,52 +219,6 @@ def modelfile(file_name: str, stops: list[str]) -> str:
     ]
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     return "\n".join(lines) + "\n"
-
-
-def gguf_card(run_dir: Path, manifest: dict, recipe_text: str, step: int, quant: str, file_name: str, licence: str | None) -> str:
-    hub_id, base_name = base_identity(run_dir, manifest)
-    total = len(manifest["steps"])
-    meta: dict = {"library_name": "gguf"}
-    if hub_id:
-        meta["base_model"] = hub_id
-    if licence:
-        meta["license"] = licence
-    if hub_datasets(recipe_text):
-        meta["datasets"] = hub_datasets(recipe_text)
-    meta["tags"] = ["sdpo", "dpo", "lora", "gguf", "llama.cpp", "lora-sdpo"]
-    meta["pipeline_tag"] = "text-generation"
-    base_line = f"`{hub_id}` on the Hugging Face Hub" if hub_id else f"a local model folder `{base_name}` (not on the Hub)"
-    what = {"f16": "float16 (1-D tensors float32)", "q8_0": "8-bit q8_0 blocks (1-D tensors float32)"}[quant]
-    return "\n".join([
-        "---", ModelCardData(**meta).to_yaml().strip(), "---", "",
-        f"# {base_name} + sDPO, step {step} of {total} (GGUF, {quant})", "",
-        f"M_{step} of a stepwise DPO run (sDPO, Kim et al. 2024) made with lora-sdpo, as one GGUF file for llama.cpp "
-        f"and Ollama: `{file_name}`, weights in {what}, written from the run's float32 M_{step}. S, the SFT base, is "
-        f"{base_line}. The tokenizer, its special tokens and the chat template are in the file.", "",
-        "## llama.cpp", "",
-        "```bash",
-        f"llama-cli -m {file_name} -cnv          # chat, with the embedded chat template",
-        f"llama-server -m {file_name} --jinja    # an OpenAI-compatible server",
-        "```", "",
-        "## Ollama", "",
-        "```bash",
-        "ollama create sdpo -f Modelfile",
-        "ollama run sdpo",
-        "```", "",
-        "## transformers", "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained(".", gguf_file="{file_name}")',
-        f'tokenizer = AutoTokenizer.from_pretrained(".", gguf_file="{file_name}")',
-        "```", "",
-        "## Steps", "",
-        step_table(manifest, step), "",
-        "## Recipe", "",
-        "```toml", recipe_text.strip(), "```", "",
-        "## Versions", "",
-        ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()), "",
-    ])
 
 
 def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str = "f16") -> dict:

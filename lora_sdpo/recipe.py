@@ -15,8 +15,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from .errors import RecipeError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+from .locations import names_local_path, no_model_folder
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -431,8 +433,7 @@ class LoadedRecipe(BaseModel):
     def model_location(self) -> str:
         """A local folder when the model path names one (relative to the recipe), else the Hub id."""
         local = self.resolve(self.recipe.model.path)
-        names_local = self.recipe.model.path.startswith((".", "/", "~"))
-        return str(local) if local.exists() or names_local else self.recipe.model.path
+        return str(local) if local.exists() or names_local_path(self.recipe.model.path) else self.recipe.model.path
 
     def output_dir(self, override: str | None = None) -> Path:
         if override:
@@ -566,8 +567,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
         adapter, source = recipe.adapter, "inline [adapter]"
     loaded = LoadedRecipe(path=path, text=text, recipe=recipe, adapter=adapter, adapter_source=source)
     problems = []
-    from .locations import no_model_folder
-
     model_problem = no_model_folder(loaded.model_location())
     if model_problem:
         problems.append(f"model.path: {model_problem} (paths are relative to the recipe)")
