@@ -1,4 +1,8 @@
-"""The command line: it parses and calls; the work lives in the modules it names."""
+"""The command line: it parses and calls; the work lives in the modules it names.
+
+Each command imports its modules inside its function, so that `--help`, and every command that
+needs no model, starts without importing torch and the training stack.
+"""
 
 from __future__ import annotations
 

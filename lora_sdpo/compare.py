@@ -18,8 +18,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .data import prepare_run_data, tokenize_pair
+from .diagnostics import gammas
 from .errors import RecipeError
+from .fetch import local_model_dir
+from .model import load_base, load_tokenizer
 from .recipe import LoadedRecipe, Recipe, format_errors
+from .report import fmt_number, md_table
+from .run import run_recipe
+from .rundir import atomic_write_json, atomic_write_text
 
 ARMS = {
     "dpo": "one step on the union of all steps' data",
@@ -75,13 +82,6 @@ def dpo_arm_training(loaded: LoadedRecipe) -> dict:
 
 
 def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=print) -> dict:
-    from .data import prepare_run_data
-    from .data import tokenize_pair
-    from .diagnostics import gammas
-    from .model import load_base, load_tokenizer
-    from .fetch import local_model_dir
-    from .run import run_recipe
-
     if not loaded.recipe.data.eval:
         raise RecipeError(f"{loaded.path}: compare needs held-out data: add a [[data.eval]] source")
     recipes = {arm: arm_recipe(loaded, arm) for arm in arms}  # every arm validated before any runs
@@ -123,8 +123,6 @@ def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=prin
             "wall_s": round(manifest_wall(manifest), 1),
             "gamma_matrix": manifest.get("gamma_matrix"),
         }
-        from .rundir import atomic_write_json
-
         atomic_write_json(results_path, results)
     write_comparison_md(results, output / "comparison.md")
     return results
@@ -135,9 +133,6 @@ def manifest_wall(manifest: dict) -> float:
 
 
 def write_comparison_md(results: dict, path: Path) -> None:
-    from .report import fmt_number, md_table
-    from .rundir import atomic_write_text
-
     header = ["arm", "steps", "pairs", "pref. accuracy vs S", "mean eval gamma", "final train loss", "wall time"]
     rows = [
         [arm, str(r["steps"]), str(r["pairs"]), fmt_number(r["pref_accuracy_vs_S"], 3), fmt_number(r["eval_gamma_mean"], 2),

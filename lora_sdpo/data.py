@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .audit import audit
 from .errors import DataError
 from .recipe import LoadedRecipe, SourceConfig
+from .rundir import atomic_write_bytes_if_changed
+from .splits import apply_split
 
 
 @dataclass
@@ -487,8 +490,6 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
 
     `score(rows) -> gammas` (the base model's) is needed only by the curriculum split.
     """
-    from .splits import apply_split
-
     t = recipe.recipe.training
     frac = recipe.recipe.data.max_bad_fraction
     steps, overlong = [], []
@@ -503,8 +504,6 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
     ev = load_eval_pairs(recipe)
     if ev is not None:
         ev, _ = drop_overlong(ev, tokenizer, t.max_length, frac)
-    from .audit import audit
-
     found = audit([ps.rows for ps in steps], ev.rows if ev else None, d.allow_eval_overlap)
     found.check()  # a held-out set that overlaps the steps is refused here, before anything is written
     return RunData(steps=steps, overlong=overlong, eval=ev, audit=found)
@@ -513,8 +512,6 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
 def write_pairs(pairs: PairSet, path: Path) -> None:
     """pairs.jsonl of a step, left untouched when a resumed step finds it already right (TRL's
     dataset cache, which holds the tokenised pairs and the reference log-probs, is keyed on it)."""
-    from .rundir import atomic_write_bytes_if_changed
-
     atomic_write_bytes_if_changed(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs.rows).encode())
 
 

@@ -6,9 +6,11 @@ import io
 from pathlib import Path
 
 from .audit import contamination_note
+from .diagnostics import paired_differences
 from .errors import RunError
 from .harness import results_table
 from .rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
+from .samples import report_section
 from .targets import fingerprint_from_manifest
 
 
@@ -274,8 +276,6 @@ def build_report(root: Path) -> Path:
     manifest = run.read_manifest()
     if manifest is None:
         raise RunError(f"{root}: no manifest.json; not a lora-sdpo run directory")
-    from .diagnostics import paired_differences
-
     curves = plot_curves(run, manifest, run.root / "curves.png")
     paired = paired_differences(run.root, manifest) if manifest.get("gamma_matrix") else []
     heat = plot_matrix(manifest, run.root / "gamma_matrix.png", paired)
@@ -323,8 +323,6 @@ def build_report(root: Path) -> Path:
     parts += tokens_section(manifest)
     parts += overlap_section(manifest)
     parts += eval_section(manifest)
-    from .samples import report_section
-
     parts += report_section(run.root)
     if curves:
         parts += ["\n## Training curves\n", "![curves](curves.png)\n"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .errors import RunError
+
 TMP_MARK = ".tmp-"
 EXPORT_MARKER = "export.json"  # written last into a finished export (export.py, gguf_export.py): the file list
 
@@ -198,8 +200,6 @@ def verify_files(folder: Path, hashes: dict[str, str] | None) -> str | None:
 
 def ensure_free_space(folder: Path, need: int, what: str, error=None) -> None:
     """Stop before writing `need` bytes into `folder` when the disk cannot hold them."""
-    from .errors import RunError
-
     p = Path(folder).resolve()
     while not p.exists():
         p = p.parent
