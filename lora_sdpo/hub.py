@@ -21,7 +21,7 @@ from typing import Callable
 
 from .errors import PushError
 from .export import MARKER, ExportPlan, plan_export, write_export
-from .rundir import is_run_dir
+from .rundir import RunDir, is_run_dir
 
 # Never uploaded, whatever a folder or marker says: pickles can run code when loaded, caches and
 # checkpoints are bulky and may hold the training data.
@@ -98,7 +98,7 @@ def push(
         raise PushError(f"{path}: not a folder; give an export folder or a run directory")
     plan: ExportPlan | None = None
     if is_run_dir(path):
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = RunDir(path).read_manifest()
         if manifest.get("status") != "done":
             raise PushError(
                 f"{path}/manifest.json: the run is not finished (status {manifest.get('status')!r}); "

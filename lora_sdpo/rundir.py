@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from . import manifest
 from .errors import RunError
 
 TMP_MARK = ".tmp-"
@@ -154,9 +155,8 @@ class RunDir:
         return str(Path(p).relative_to(self.root))
 
     def read_manifest(self) -> dict | None:
-        if not self.manifest_path.exists():
-            return None
-        return json.loads(self.manifest_path.read_text())
+        """The manifest (None when there is none), checked against manifest.py's records."""
+        return manifest.read(self.manifest_path)
 
     def write_manifest(self, manifest: dict) -> None:
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
