@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from lora_sdpo.data import tokenize_pair
 from lora_sdpo.diagnostics import gammas, paired_difference
-from lora_sdpo.hub import local_model_dir
+from lora_sdpo.fetch import local_model_dir
 from lora_sdpo.model import load_base, load_tokenizer
 from lora_sdpo.recipe import load_recipe
 

@@ -88,6 +88,31 @@ def step_table(manifest: dict, upto: int) -> str:
     return "\n".join(rows)
 
 
+def _base_line(hub_id: str | None, base_name: str) -> str:
+    return f"`{hub_id}` on the Hugging Face Hub" if hub_id else f"a local model folder `{base_name}` (not on the Hub)"
+
+
+def _front_matter(hub_id: str | None, licence: str | None, recipe_text: str, library: str, tags: list[str]) -> list[str]:
+    """The card's YAML block: base model, library, licence, datasets, tags."""
+    meta: dict = {}
+    if hub_id:
+        meta["base_model"] = hub_id
+    meta["library_name"] = library
+    if licence:
+        meta["license"] = licence
+    datasets = hub_datasets(recipe_text)
+    if datasets:
+        meta["datasets"] = datasets
+    meta["tags"] = tags
+    meta["pipeline_tag"] = "text-generation"
+    return ["---", ModelCardData(**meta).to_yaml().strip(), "---"]
+
+
+def _recipe_and_versions(recipe_text: str, manifest: dict) -> list[str]:
+    return ["## Recipe", "", "```toml", recipe_text.strip(), "```", "", "## Versions", "",
+            ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()), ""]
+
+
 def model_card(
     run_dir: Path,
     manifest: dict,
@@ -102,22 +127,12 @@ def model_card(
     hub_id, base_name = base_identity(run_dir, manifest)
     total = len(manifest["steps"])
     qlora = (manifest.get("adapter") or {}).get("quantization", "nf4") == "nf4"
-    meta: dict = {}
-    if hub_id:
-        meta["base_model"] = hub_id
-    meta["library_name"] = "peft" if what == "adapter" else "transformers"
-    if licence:
-        meta["license"] = licence
-    datasets = hub_datasets(recipe_text)
-    if datasets:
-        meta["datasets"] = datasets
-    meta["tags"] = ["sdpo", "dpo", "lora"] + (["qlora"] if qlora else []) + ["trl", "lora-sdpo"]
-    meta["pipeline_tag"] = "text-generation"
+    tags = ["sdpo", "dpo", "lora"] + (["qlora"] if qlora else []) + ["trl", "lora-sdpo"]
     where = repo_id or "PATH_OR_REPO_ID"  # this folder, or the Hub repo it is uploaded to
     ad = manifest.get("adapter") or {}
-    base_line = f"`{hub_id}` on the Hugging Face Hub" if hub_id else f"a local model folder `{base_name}` (not on the Hub)"
+    base_line = _base_line(hub_id, base_name)
 
-    parts = ["---", ModelCardData(**meta).to_yaml().strip(), "---", ""]
+    parts = [*_front_matter(hub_id, licence, recipe_text, "peft" if what == "adapter" else "transformers", tags), ""]
     if what == "merged":
         parts += [
             f"# {base_name} + sDPO, step {step} of {total} (merged)",
@@ -205,15 +220,41 @@ def model_card(
         f"S: {base_line}. "
         + (f"Licence (from the base's card): {licence}." if licence else "The base declares no licence in its card; check its source before sharing."),
         "",
-        "## Recipe",
-        "",
-        "```toml",
-        recipe_text.strip(),
-        "```",
-        "",
-        "## Versions",
-        "",
-        ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()),
-        "",
+        *_recipe_and_versions(recipe_text, manifest),
     ]
     return "\n".join(parts)
+
+
+def gguf_card(run_dir: Path, manifest: dict, recipe_text: str, step: int, quant: str, file_name: str, licence: str | None) -> str:
+    """README.md of a GGUF export of step `step`: how llama.cpp, Ollama and transformers load the file."""
+    hub_id, base_name = base_identity(run_dir, manifest)
+    total = len(manifest["steps"])
+    base_line = _base_line(hub_id, base_name)
+    what = {"f16": "float16 (1-D tensors float32)", "q8_0": "8-bit q8_0 blocks (1-D tensors float32)"}[quant]
+    return "\n".join([
+        *_front_matter(hub_id, licence, recipe_text, "gguf", ["sdpo", "dpo", "lora", "gguf", "llama.cpp", "lora-sdpo"]), "",
+        f"# {base_name} + sDPO, step {step} of {total} (GGUF, {quant})", "",
+        f"M_{step} of a stepwise DPO run (sDPO, Kim et al. 2024) made with lora-sdpo, as one GGUF file for llama.cpp "
+        f"and Ollama: `{file_name}`, weights in {what}, written from the run's float32 M_{step}. S, the SFT base, is "
+        f"{base_line}. The tokenizer, its special tokens and the chat template are in the file.", "",
+        "## llama.cpp", "",
+        "```bash",
+        f"llama-cli -m {file_name} -cnv          # chat, with the embedded chat template",
+        f"llama-server -m {file_name} --jinja    # an OpenAI-compatible server",
+        "```", "",
+        "## Ollama", "",
+        "```bash",
+        "ollama create sdpo -f Modelfile",
+        "ollama run sdpo",
+        "```", "",
+        "## transformers", "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained(".", gguf_file="{file_name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained(".", gguf_file="{file_name}")',
+        "```", "",
+        "## Steps", "",
+        step_table(manifest, step), "",
+        *_recipe_and_versions(recipe_text, manifest),
+    ])

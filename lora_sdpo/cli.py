@@ -1,4 +1,8 @@
-"""The command line: it parses and calls; the work lives in the modules it names."""
+"""The command line: it parses and calls; the work lives in the modules it names.
+
+Each command imports its modules inside its function, so that `--help`, and every command that
+needs no model, starts without importing torch and the training stack.
+"""
 
 from __future__ import annotations
 
@@ -33,13 +37,14 @@ class _Group(click.Group):
             rank, size = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", 1))
             click.echo(f"error: {f'[process {rank} of {size}] ' if size > 1 else ''}{e}", err=True)
             if size > 1:  # one of several processes: tell the launching `lora-sdpo run --num-processes`
-                from .launcher import record_error
+                from .distributed import record_error
 
                 record_error(str(e), 2)
             sys.exit(2)
         except Exception as e:
             if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-                from .launcher import is_connection_error, lost_peer_message, record_error
+                from .distributed import record_error
+                from .launcher import is_connection_error, lost_peer_message
 
                 if is_connection_error(e):  # a peer went away: name it instead of the transport's traceback
                     message = lost_peer_message()
@@ -206,11 +211,15 @@ def eval_(model_or_run, tasks, include, limit, steps, batch_size, adapter, preci
     from rich.table import Table
 
     from .harness import evaluate, results_table
+    from .report import build_report
+    from .rundir import is_run_dir
 
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     doc = evaluate(model_or_run, tasks, include=list(include), limit=limit, steps=steps, batch_size=batch_size,
                    adapter=adapter, precision=precision, compute_dtype=compute_dtype,
                    log=lambda m: console.print(m, soft_wrap=True, markup=False))
+    if is_run_dir(model_or_run):  # the scores went into its manifest: report.md shows them
+        doc["report"] = str(build_report(Path(model_or_run)))
     header, rows, notes = results_table(doc["models"])
     console.print(f"lm-evaluation-harness {doc['lm_eval']}: scores x 100 ± standard error", markup=False)
     table = Table()
@@ -338,7 +347,7 @@ def data(source, step, columns, pairs_from, score_key, pick_rejected, ranking_pa
               help="Add the delta to W, or to dequant(NF4(W)) as the QLoRA adapter saw it (see docs/chain-and-merge.md).")
 def merge(base, adapter, output, dtype, max_shard_size, merge_base):
     """Merge a LoRA ADAPTER into BASE, streamed tensor by tensor (the delta is added in float32)."""
-    from .hub import local_model_dir
+    from .fetch import local_model_dir
     from .merge import merge_lora
 
     res = merge_lora(local_model_dir(base), adapter, output, dtype=dtype, max_shard_size=max_shard_size, merge_base=merge_base)

@@ -18,8 +18,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .data import prepare_run_data, tokenize_pair
+from .diagnostics import gammas
 from .errors import RecipeError
-from .recipe import LoadedRecipe, Recipe, _format_errors
+from .fetch import local_model_dir
+from .model import load_base, load_tokenizer
+from .recipe import LoadedRecipe, Recipe, format_errors
+from .report import fmt_number, md_table
+from .run import run_recipe
+from .rundir import atomic_write_json, atomic_write_text
 
 ARMS = {
     "dpo": "one step on the union of all steps' data",
@@ -51,7 +58,7 @@ def arm_recipe(loaded: LoadedRecipe, arm: str) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(f"{loaded.path} (arm {arm})", e)) from None
+        raise RecipeError(format_errors(f"{loaded.path} (arm {arm})", e)) from None
     text = loaded.text.rstrip() + f"\n\n# lora-sdpo compare, arm {arm}: {ARMS[arm]}\n"
     return LoadedRecipe(path=loaded.path, text=text, recipe=recipe, adapter=loaded.adapter, adapter_source=loaded.adapter_source)
 
@@ -75,13 +82,6 @@ def dpo_arm_training(loaded: LoadedRecipe) -> dict:
 
 
 def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=print) -> dict:
-    from .data import prepare_run_data
-    from .data import tokenize_pair
-    from .diagnostics import gammas
-    from .model import load_base, load_tokenizer
-    from .hub import local_model_dir
-    from .run import run_recipe
-
     if not loaded.recipe.data.eval:
         raise RecipeError(f"{loaded.path}: compare needs held-out data: add a [[data.eval]] source")
     recipes = {arm: arm_recipe(loaded, arm) for arm in arms}  # every arm validated before any runs
@@ -123,8 +123,6 @@ def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=prin
             "wall_s": round(manifest_wall(manifest), 1),
             "gamma_matrix": manifest.get("gamma_matrix"),
         }
-        from .rundir import atomic_write_json
-
         atomic_write_json(results_path, results)
     write_comparison_md(results, output / "comparison.md")
     return results
@@ -135,13 +133,10 @@ def manifest_wall(manifest: dict) -> float:
 
 
 def write_comparison_md(results: dict, path: Path) -> None:
-    from .report import _fmt, _md_table
-    from .rundir import atomic_write_text
-
     header = ["arm", "steps", "pairs", "pref. accuracy vs S", "mean eval gamma", "final train loss", "wall time"]
     rows = [
-        [arm, str(r["steps"]), str(r["pairs"]), _fmt(r["pref_accuracy_vs_S"], 3), _fmt(r["eval_gamma_mean"], 2),
-         _fmt(r["final_train_loss"], 4), f"{r['wall_s']:.0f}s"]
+        [arm, str(r["steps"]), str(r["pairs"]), fmt_number(r["pref_accuracy_vs_S"], 3), fmt_number(r["eval_gamma_mean"], 2),
+         fmt_number(r["final_train_loss"], 4), f"{r['wall_s']:.0f}s"]
         for arm, r in results["arms"].items()
     ]
     parts = [
@@ -149,12 +144,12 @@ def write_comparison_md(results: dict, path: Path) -> None:
         f"Held-out: {results['eval_pairs']} pairs; S's mean gamma on them: {results['base_eval_gamma_mean']:.2f}. "
         "Preference accuracy vs S: the share of held-out pairs where the arm's final model has a larger "
         "gamma = log p(chosen) - log p(rejected) than S.\n",
-        _md_table(header, rows),
+        md_table(header, rows),
     ]
     for arm, r in results["arms"].items():
         gm = r.get("gamma_matrix") or {}
         if gm.get("rows"):
             data = list(gm["sample"])
             parts += [f"\n### {arm}: mean gamma of each model on each dataset\n",
-                      _md_table(["model"] + data, [[m] + [_fmt((v.get(d) or {}).get("mean"), 2) for d in data] for m, v in gm["rows"].items()])]
+                      md_table(["model"] + data, [[m] + [fmt_number((v.get(d) or {}).get("mean"), 2) for d in data] for m, v in gm["rows"].items()])]
     atomic_write_text(path, "\n".join(parts) + "\n")

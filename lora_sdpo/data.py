@@ -12,11 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .audit import audit
+from .derive import EXPECTED, RULES, assemble_trees, derive, group_answers, layout_of
 from .errors import DataError
 from .formats import ACCEPTED, FORMAT_KEYS, Bad, apply_columns, detect_format, normalise, split_inside  # noqa: F401
 from .readers import CellError, json_rows, read_file, read_source  # noqa: F401
 from .recipe import LoadedRecipe, RunConfig, SourceConfig
 from .roles import role_table
+from .rundir import atomic_write_bytes_if_changed
+from .splits import apply_split
 
 
 @dataclass
@@ -142,7 +146,6 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad
 
 def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str, dict | None, str | None]]:
     """(row number, format, pair, problem) for each pair of each row; format "tie" for a row pairs_from dropped."""
-    from .derive import assemble_trees, derive, group_answers, layout_of
 
     roles = role_table(src.roles)
     out = []
@@ -195,7 +198,6 @@ def _check_columns(src: SourceConfig, raw: list) -> None:
 
 
 def _unknown(src: SourceConfig, raw: list, results: list) -> str:
-    from .derive import EXPECTED, RULES, layout_of
 
     first = raw[0]
     keys = set(first) if isinstance(first, dict) else set()
@@ -274,8 +276,6 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
 
     `score(rows) -> gammas` (the base model's) is needed only by the curriculum split.
     """
-    from .splits import apply_split
-
     t = recipe.recipe.training
     frac = recipe.recipe.data.max_bad_fraction
     steps, overlong = [], []
@@ -290,8 +290,6 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
     ev = load_eval_pairs(recipe)
     if ev is not None:
         ev, _ = drop_overlong(ev, tokenizer, t.max_length, frac)
-    from .audit import audit
-
     found = audit([ps.rows for ps in steps], ev.rows if ev else None, d.allow_eval_overlap)
     found.check()  # a held-out set that overlaps the steps is refused here, before anything is written
     return RunData(steps=steps, overlong=overlong, eval=ev, audit=found)
@@ -300,8 +298,6 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
 def write_pairs(pairs: PairSet, path: Path) -> None:
     """pairs.jsonl of a step, left untouched when a resumed step finds it already right (TRL's
     dataset cache, which holds the tokenised pairs and the reference log-probs, is keyed on it)."""
-    from .rundir import atomic_write_bytes_if_changed
-
     atomic_write_bytes_if_changed(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs.rows).encode())
 
 

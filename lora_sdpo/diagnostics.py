@@ -13,9 +13,14 @@ import statistics
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save
 
-from .data import tokenize_pair
-from .model import sequence_logps
+from .data import load_pairs, tokenize_pair
+from .fetch import local_model_dir
+from .model import load_base, load_tokenizer, sequence_logps
+from .recipe import AdapterConfig, SourceConfig
+from .rundir import atomic_write_bytes
 
 # A gamma gain over S this large, in units of S's spread on the data, is what a model that
 # trained on the data shows; the paper's M_2 jumps from -25 to +84 on its own training data.
@@ -56,16 +61,10 @@ def gamma_file(root: Path, model: str) -> Path:
 
 
 def save_gammas(path: Path, per_dataset: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save
-
-    from .rundir import atomic_write_bytes
-
     atomic_write_bytes(path, save({k: v.detach().float().contiguous() for k, v in per_dataset.items()}))
 
 
 def load_gammas(root: Path, model: str) -> dict[str, torch.Tensor] | None:
-    from safetensors.torch import load_file
-
     path = gamma_file(root, model)
     return load_file(path) if path.is_file() else None
 
@@ -140,11 +139,6 @@ def measure(
     compute_dtype: str = "float32",
 ) -> dict:
     """`lora-sdpo gamma`: gamma statistics of a model (and optionally a second one) per data source."""
-    from .data import load_pairs
-    from .model import load_base, load_tokenizer
-    from .recipe import AdapterConfig
-    from .hub import local_model_dir
-
     preset = AdapterConfig(quantization=quantization, compute_dtype=compute_dtype)
     model_dir = local_model_dir(model_path)
     tokenizer = load_tokenizer(model_dir)
@@ -157,8 +151,6 @@ def measure(
     def run_model(path: str, adapter_dir: str | None) -> dict[str, torch.Tensor]:
         model = load_base(local_model_dir(path), preset)
         if adapter_dir:
-            from peft import PeftModel
-
             model = PeftModel.from_pretrained(model, adapter_dir)
         out = {label: gammas(model, rows, tokenizer, max_length) for label, (rows, _) in sources.items()}
         del model
@@ -180,10 +172,6 @@ def measure(
 
 
 def _source(spec: str, limit: int | None):
-    from pathlib import Path
-
-    from .recipe import SourceConfig
-
     if Path(spec).exists():
         return SourceConfig(path=str(Path(spec).resolve()), limit=limit)
     name, _, split = spec.partition(":")

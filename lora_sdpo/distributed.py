@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import time
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -106,8 +109,6 @@ def split_batch(per_device: int, accumulation: int, processes: int) -> tuple[int
 
 def check(recipe, processes: int) -> None:
     """What must hold for a run in N processes, checked before any of them starts."""
-    import torch
-
     t = recipe.recipe.training
     split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, processes)
     check_strategy(recipe.recipe.distributed, _has_accelerator())
@@ -151,8 +152,6 @@ def init(timeout_minutes: float) -> World:
         )
     if not w.main:
         os.environ["TQDM_DISABLE"] = "1"  # TRL's and datasets' progress bars: the main process shows them
-    from .launcher import record, start_heartbeat
-
     start_heartbeat(w.rank)
     record("started")
     return w
@@ -204,8 +203,6 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    from .launcher import record
-
     record("finished")
 
 
@@ -431,3 +428,55 @@ def batch_report(recipe, shares: list[dict], rows: int) -> dict:
         "micro_batches": [s["micro_batches"] for s in shares],
         "repeated_pairs": max(0, sum(s["pairs"] for s in shares) - round(rows * t.num_train_epochs)),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# What each process leaves for the launcher (launcher.py reads it)
+
+ERROR_DIR_ENV = "LORA_SDPO_ERROR_DIR"  # where each process leaves its error message for the launcher
+
+
+def record_error(message: str, status: int, lost: bool = False) -> None:
+    """Leave this process's error for the launching `lora-sdpo run --num-processes` (a no-op otherwise)."""
+    record("error", {"message": message, "status": status, "time": time.time(), "lost": lost})
+
+
+def record(kind: str, content: dict | None = None) -> None:
+    """rank-R.started / .finished / .error in the launcher's folder: how each process ended."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    w = world()
+    if folder and w.active:
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank-{w.rank}.{kind}").write_text(json.dumps({"rank": w.rank, **(content or {})}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Who is still there: a heartbeat per process in the launcher's store
+
+
+BEAT_SECONDS = 0.5
+BEAT_KEY = "lora-sdpo/beat/{}"
+
+
+def store_client(timeout_s: float):
+    """A client of the store the launcher (torch elastic) serves on machine 0, at MASTER_ADDR:MASTER_PORT."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def start_heartbeat(rank: int) -> None:
+    """Count up this process's key in the store, from a thread, for as long as the process lives:
+    a process whose count stops moving has died (or its machine is gone)."""
+    import threading
+
+    def beat():
+        with contextlib.suppress(Exception):  # the store is gone: the run is ending anyway
+            store = store_client(10)
+            while True:
+                store.add(BEAT_KEY.format(rank), 1)
+                time.sleep(BEAT_SECONDS)
+
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        threading.Thread(target=beat, name="lora-sdpo-heartbeat", daemon=True).start()

@@ -28,3 +28,15 @@ class RunError(UserError):
 
 class EvalError(UserError):
     """An evaluation that cannot be run as asked (a task, model or option)."""
+
+
+class GenerateError(UserError):
+    """A generation that cannot be run as asked (a model, step, prompt file or option)."""
+
+
+class PushError(UserError):
+    """A folder or repo that cannot be pushed as asked."""
+
+
+class GGUFError(RunError):
+    """A model the GGUF export cannot write exactly."""

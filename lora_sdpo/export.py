@@ -26,10 +26,9 @@ from . import __version__
 from .card import base_license, model_card
 from .errors import RunError
 from .merge import MergePlan, check_output, config_text, plan_merge, write_merge
-from .rundir import RunDir, atomic_dir
+from .rundir import EXPORT_MARKER as MARKER, RunDir, atomic_dir
 from .shards import planned_files
 
-MARKER = "export.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
     "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json", "spiece.model",
@@ -88,7 +87,7 @@ def read_run(run_dir: Path) -> tuple[RunDir, dict, str]:
     return run, manifest, run.recipe_path.read_text()
 
 
-def _pick_step(run: RunDir, manifest: dict, step: int | None) -> int:
+def pick_step(run: RunDir, manifest: dict, step: int | None) -> int:
     done = [s["index"] for s in manifest["steps"] if s.get("status") == "done"]
     if step is None:
         if not done:
@@ -117,7 +116,7 @@ def plan_export(
     if what not in WHATS:
         raise RunError(f"--what {what!r}: choose merged or adapter")
     run, manifest, recipe_text = read_run(run_dir)
-    step = _pick_step(run, manifest, step)
+    step = pick_step(run, manifest, step)
     # Tokenizer, generation config and licences travel with every M_t (the merge copies them from S).
     model_dirs = [run.model_dir(i) for i in [step, *range(len(manifest["steps"]), 0, -1)] if run.model_dir(i).is_dir()]
     side_src = model_dirs[0] if model_dirs else None

@@ -8,17 +8,16 @@ that a completion does not depend on which other prompts were asked with it.
 
 from __future__ import annotations
 
-import json
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
-
-
-class GenerateError(UserError):
-    """A generation that cannot be run as asked (a model, step, prompt file or option)."""
+from .data import normalise, read_file
+from .errors import EvalError, GenerateError
+from .rundir import RunDir, is_run_dir
+from .targets import Target, load_model, model_target, run_targets
 
 
 @dataclass
@@ -86,8 +85,6 @@ def read_prompts(texts: tuple[str, ...], path: str | None) -> list:
             except UnicodeDecodeError:
                 raise GenerateError(f"--prompts {path}: not UTF-8 text") from None
         else:
-            from .data import normalise, read_file
-
             for n, row in enumerate(read_file(p), 1):
                 prompts.append(_row_prompt(row, f"--prompts {path}: row {n}", normalise))
     if not prompts:
@@ -112,26 +109,24 @@ def _messages(msgs: list, where: str) -> list[dict]:
     return msgs
 
 
-def targets(location: str, step: str | None, adapter: str | None) -> list:
-    """The models to generate from (harness Targets): one model (folder or Hub id, optional adapter),
-    or a run's S (step 0) and M_t; `step` is a number, `all`, or None (a run's last finished step)."""
-    from . import harness
-
+def targets(location: str, step: str | None, adapter: str | None) -> list[Target]:
+    """The models to generate from: one model (folder or Hub id, optional adapter), or a run's S
+    (step 0) and M_t; `step` is a number, `all`, or None (a run's last finished step)."""
     try:
-        if not harness.is_run_dir(location):
+        if not is_run_dir(location):
             if step is not None:
                 raise GenerateError(f"--step applies to a run directory; {location} has no manifest.json")
-            return [harness.model_target(location, adapter)]
+            return [model_target(location, adapter)]
         if adapter is not None:
             raise GenerateError("--adapter applies to a model, not a run directory (a run's M_t already contain their adapters)")
         if step is None:
-            manifest = json.loads((Path(location) / "manifest.json").read_text())
+            manifest = RunDir(Path(location)).read_manifest()
             done = [s["index"] for s in manifest["steps"] if s.get("status") == "done"]
             step = str(done[-1]) if done else "0"
         elif step != "all" and not step.isdigit():
             raise GenerateError(f"--step {step}: write a step number (0 is the base S) or all")
-        found, pruned = harness.run_targets(location, step)
-    except harness.EvalError as e:
+        found, pruned = run_targets(location, step)
+    except EvalError as e:
         raise GenerateError(str(e).replace("--steps", "--step")) from None
     return found
 
@@ -141,16 +136,12 @@ def generate(location: str, prompts: list, *, step: str | None, adapter: str | N
     """{model label: completions} of every model asked for, loaded one after another.
 
     `stream(label, i)` may return a transformers streamer for prompt i of that model."""
-    import gc
-
-    from . import harness
-
     out = {}
     for target in targets(location, step, adapter):
         log(f"{target.label}: {target.shown or target.path}" + (f" + adapter {target.adapter}" if target.adapter else "") + f" ({precision})")
         try:
-            model, tokenizer = harness.load_model(target, precision, compute_dtype)
-        except harness.EvalError as e:
+            model, tokenizer = load_model(target, precision, compute_dtype)
+        except EvalError as e:
             raise GenerateError(str(e)) from None
         out[target.label] = complete(model, tokenizer, prompts, settings,
                                      streamer_for=(lambda i, t=target, tok=tokenizer: stream(t.label, i, tok)) if stream else None)

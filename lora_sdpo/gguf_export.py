@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import RunError
+from .card import base_identity, base_license, gguf_card
+from .errors import GGUFError
+from .export import pick_step, read_run
+from .merge import check_output
+from .rundir import EXPORT_MARKER as MARKER, atomic_dir
+from .shards import model_tensors, read_tensor
 
 QUANTS = ("f16", "q8_0")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-MARKER = "export.json"
-
-
-class GGUFError(RunError):
-    """A model the GGUF export cannot write exactly."""
 
 
 def check_architecture(config: dict, where: Path) -> None:
@@ -92,8 +92,6 @@ def _tensor_plan(model_dir: Path, config: dict, quant: str):
     """[(gguf name, hf name, gguf type)] in the order they are written."""
     import gguf
 
-    from .shards import model_tensors
-
     n_layers = config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     tensors = model_tensors(model_dir)
@@ -125,8 +123,6 @@ def _tensor_plan(model_dir: Path, config: dict, quant: str):
 
 
 def _array(info, gguf_name: str, config: dict) -> np.ndarray:
-    from .shards import read_tensor
-
     w = read_tensor(info).float().numpy()
     if gguf_name.endswith("attn_q.weight"):
         w = _permute(w, config["num_attention_heads"])
@@ -174,8 +170,6 @@ def write_gguf(model_dir: Path, path: Path, quant: str, name: str) -> None:
         tc = json.loads((model_dir / "tokenizer_config.json").read_text()) if (model_dir / "tokenizer_config.json").is_file() else {}
         if tc.get("chat_template"):
             w.add_chat_template(tc["chat_template"])
-
-    from .shards import model_tensors
 
     infos = model_tensors(model_dir)
     for gname, hf, kind in plan:
@@ -227,63 +221,8 @@ def modelfile(file_name: str, stops: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gguf_card(run_dir: Path, manifest: dict, recipe_text: str, step: int, quant: str, file_name: str, licence: str | None) -> str:
-    from huggingface_hub import ModelCardData
-
-    from .card import base_identity, hub_datasets, step_table
-
-    hub_id, base_name = base_identity(run_dir, manifest)
-    total = len(manifest["steps"])
-    meta: dict = {"library_name": "gguf"}
-    if hub_id:
-        meta["base_model"] = hub_id
-    if licence:
-        meta["license"] = licence
-    if hub_datasets(recipe_text):
-        meta["datasets"] = hub_datasets(recipe_text)
-    meta["tags"] = ["sdpo", "dpo", "lora", "gguf", "llama.cpp", "lora-sdpo"]
-    meta["pipeline_tag"] = "text-generation"
-    base_line = f"`{hub_id}` on the Hugging Face Hub" if hub_id else f"a local model folder `{base_name}` (not on the Hub)"
-    what = {"f16": "float16 (1-D tensors float32)", "q8_0": "8-bit q8_0 blocks (1-D tensors float32)"}[quant]
-    return "\n".join([
-        "---", ModelCardData(**meta).to_yaml().strip(), "---", "",
-        f"# {base_name} + sDPO, step {step} of {total} (GGUF, {quant})", "",
-        f"M_{step} of a stepwise DPO run (sDPO, Kim et al. 2024) made with lora-sdpo, as one GGUF file for llama.cpp "
-        f"and Ollama: `{file_name}`, weights in {what}, written from the run's float32 M_{step}. S, the SFT base, is "
-        f"{base_line}. The tokenizer, its special tokens and the chat template are in the file.", "",
-        "## llama.cpp", "",
-        "```bash",
-        f"llama-cli -m {file_name} -cnv          # chat, with the embedded chat template",
-        f"llama-server -m {file_name} --jinja    # an OpenAI-compatible server",
-        "```", "",
-        "## Ollama", "",
-        "```bash",
-        "ollama create sdpo -f Modelfile",
-        "ollama run sdpo",
-        "```", "",
-        "## transformers", "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained(".", gguf_file="{file_name}")',
-        f'tokenizer = AutoTokenizer.from_pretrained(".", gguf_file="{file_name}")',
-        "```", "",
-        "## Steps", "",
-        step_table(manifest, step), "",
-        "## Recipe", "",
-        "```toml", recipe_text.strip(), "```", "",
-        "## Versions", "",
-        ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()), "",
-    ])
-
-
 def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str = "f16") -> dict:
     """Write EXPORT/ (see the module docstring) atomically; returns the marker's contents."""
-    from .card import base_license
-    from .export import _pick_step, read_run
-    from .merge import check_output
-    from .rundir import atomic_dir
-
     if quant not in QUANTS:
         raise GGUFError(f"--quant {quant!r}: choose f16 or q8_0")
     try:
@@ -291,7 +230,7 @@ def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str
     except ImportError:
         raise GGUFError("the GGUF export needs the gguf library; install it with: pip install 'lora-sdpo[gguf]'") from None
     run, manifest, recipe_text = read_run(run_dir)
-    step = _pick_step(run, manifest, step)
+    step = pick_step(run, manifest, step)
     model_dir = run.model_dir(step)
     if not model_dir.is_dir():
         raise GGUFError(f"{model_dir}: M_{step} was pruned (run.keep_models = \"last\"); export the last step, or rebuild "
@@ -300,8 +239,6 @@ def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str
     output = Path(output).resolve()
     check_output(output, {"run": run.root}, replaceable=(MARKER,))
     file_name = f"model-{quant}.gguf"
-    from .card import base_identity
-
     name = f"{base_identity(run.root, manifest)[1]} sDPO M_{step}"
     with atomic_dir(output) as tmp:
         write_gguf(model_dir, tmp / file_name, quant, name)

@@ -16,14 +16,19 @@ stored scores without it.
 
 from __future__ import annotations
 
+import difflib
 import functools
-import hashlib
+import gc
+import logging
 import math
 import time
+from importlib.metadata import version
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import EvalError
+from .rundir import RunDir, is_run_dir
+from .targets import Target, fingerprint, load_model, model_order, model_target, run_targets
 
 INSTALL_HINT = "lm-evaluation-harness is not installed; install it with: pip install 'lora-sdpo[eval]'"
 
@@ -70,125 +75,6 @@ def parse_tasks(spec: str) -> list[HarnessTask]:
     return out
 
 
-# ---------------------------------------------------------------- what to evaluate
-
-
-@dataclass
-class Target:
-    label: str  # S, M_1, ... for a run; the folder name or Hub id for a model
-    path: Path
-    adapter: Path | None = None
-    shown: str = ""  # how the model is named in the results (relative to the run for a run)
-
-
-def is_run_dir(path: str) -> bool:
-    return (Path(path) / "manifest.json").is_file()
-
-
-def model_target(location: str, adapter: str | None) -> Target:
-    from .hub import local_model_dir
-
-    from .locations import no_model_folder
-
-    p = Path(location)
-    problem = no_model_folder(location)
-    if problem:
-        raise EvalError(problem)
-    if not p.exists() and location.count("/") > 1:
-        raise EvalError(f"no model folder at {location}, and not a Hub id (OWNER/NAME)")
-    folder = local_model_dir(location)
-    if not (folder / "config.json").is_file():
-        raise EvalError(f"model {folder}: no config.json; give a model folder (safetensors + config), a Hub id or a run directory")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise EvalError(f"--adapter {adapter}: no adapter_config.json; give a PEFT adapter folder")
-    return Target(p.name if p.exists() else location, folder, Path(adapter) if adapter else None, location)
-
-
-def run_targets(root: str, steps: str) -> tuple[list[Target], list[str]]:
-    """([S, M_1, ...], [pruned models left out]) of a run directory; `steps` is `all` or indices, 0 meaning S."""
-    from .rundir import RunDir
-
-    run = RunDir(Path(root))
-    manifest = run.read_manifest()
-    done = {s["index"]: s for s in manifest["steps"] if s.get("status") == "done"}
-    if steps == "all":
-        wanted, explicit = [0, *sorted(done)], False
-    else:
-        try:
-            wanted, explicit = [int(x) for x in steps.split(",") if x.strip()], True
-        except ValueError:
-            raise EvalError(f"--steps {steps}: write all, or step numbers such as 0,2 (0 is the base S)") from None
-    targets, pruned = [], []
-    for i in wanted:
-        if i == 0:
-            targets.append(Target("S", base_dir(run, manifest), shown=str(manifest.get("base_model"))))
-            continue
-        if i not in done:
-            n = len(manifest["steps"])
-            raise EvalError(f"--steps: step {i} of {root} is not finished (the run has {n} steps, finished: {sorted(done) or 'none'})")
-        model = run.model_dir(i)
-        if not done[i].get("model") or not model.is_dir():
-            if explicit:
-                raise EvalError(f"{model}: M_{i} was pruned (run.keep_models = \"last\"); rebuild it by merging the adapters "
-                                f"of steps {'1' if i == 1 else f'1..{i}'} into S in turn (`lora-sdpo merge`), and evaluate that folder")
-            pruned.append(f"M_{i}")
-            continue
-        targets.append(Target(f"M_{i}", model, shown=run.rel(model)))
-    if not targets:
-        raise EvalError(f"{root}: nothing to evaluate (no finished step keeps its model, and S was not asked for)")
-    return targets, pruned
-
-
-def base_dir(run, manifest: dict) -> Path:
-    """The folder of S: where step 1 loaded it from (its adapter's config records it), else the manifest's name."""
-    import json
-
-    from .hub import local_model_dir
-
-    cfg = run.adapter_dir(1) / "adapter_config.json"
-    loaded = json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.is_file() else None
-    if loaded and (Path(loaded) / "config.json").is_file():
-        return Path(loaded)
-    seen = manifest.get("base_model") or ""
-    if (Path(seen) / "config.json").is_file():
-        return Path(seen).resolve()
-    try:
-        return local_model_dir(seen)
-    except Exception:
-        raise EvalError(f"{run.root}: cannot find the base model S ({seen!r}, as the recipe names it); "
-                        "leave it out with --steps (e.g. --steps 1,2), or run from the recipe's folder") from None
-
-
-def fingerprint(target: Target) -> str:
-    """sha256 over the config and every weight file (names and contents) of the model and adapter."""
-    digests = []
-    for folder, patterns in ((target.path, ("config.json", "*.safetensors")),
-                             (target.adapter, ("adapter_config.json", "*.safetensors"))):
-        if folder is None:
-            continue
-        files = sorted({f for pat in patterns for f in Path(folder).glob(pat)})
-        digests.append({f.name: _sha256(f) for f in files})
-    return _combine(digests)
-
-
-def fingerprint_from_manifest(model_files: dict[str, str]) -> str:
-    """The same fingerprint of a run's M_t from the file hashes its manifest records (nothing is read)."""
-    return _combine([{n: d for n, d in model_files.items() if "/" not in n and (n == "config.json" or n.endswith(".safetensors"))}])
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _combine(digests: list[dict[str, str]]) -> str:
-    h = hashlib.sha256()
-    for files in digests:
-        for name in sorted(files):
-            h.update(f"{name}\0{files[name]}\n".encode())
-    return "sha256:" + h.hexdigest()
-
-
 # ---------------------------------------------------------------- evaluating
 
 
@@ -215,8 +101,6 @@ def task_manager(tasks: list[HarnessTask], include: list[str]):
     tm = _indexed(tuple(include), True)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
-        import difflib
-
         hints = []
         for n in unknown:
             close = difflib.get_close_matches(n, tm.all_tasks, n=3)
@@ -236,8 +120,6 @@ def _indexed(include: tuple[str, ...], defaults: bool):
 
 def load_tasks(tm, tasks: list[HarnessTask]) -> list:
     """lm-eval Task/Group objects with each task's shots set; loading reads (or downloads) the data."""
-    import logging
-
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     objects, owner = [], {}
     for spec in tasks:
@@ -259,32 +141,10 @@ def load_tasks(tm, tasks: list[HarnessTask]) -> list:
     return objects
 
 
-def load_model(target: Target, precision: str, compute_dtype: str):
-    from .model import load_base, load_tokenizer
-    from .recipe import AdapterConfig
-
-    if precision == "nf4":
-        cfg = AdapterConfig(quantization="nf4", compute_dtype=compute_dtype)
-    else:
-        cfg = AdapterConfig(quantization="none", compute_dtype={"bf16": "bfloat16", "fp32": "float32"}[precision])
-    model = load_base(target.path, cfg)
-    if target.adapter is not None:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(target.adapter))
-        except Exception as e:
-            raise EvalError(f"--adapter {target.adapter}: cannot apply it to {target.path} ({type(e).__name__}: {e})") from None
-    model.eval()
-    return model, load_tokenizer(target.path)
-
-
 def evaluate_target(target: Target, tasks: list[HarnessTask], task_objects: list, tm, *, limit: int | None,
                     batch_size: str, precision: str, compute_dtype: str) -> dict:
     """One model through lm-eval: its record (scores per task, fingerprint, settings, time)."""
-    import gc
-
-    import torch
+    import torch  # here, with lm-eval (optional): the report renders stored scores without either
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -302,7 +162,7 @@ def evaluate_target(target: Target, tasks: list[HarnessTask], task_objects: list
         "adapter": str(target.adapter) if target.adapter else None,
         "fingerprint": fingerprint(target),
         "precision": precision if precision != "nf4" else f"nf4, {compute_dtype} compute",
-        "lm_eval": results.get("lm_eval_version") or _version("lm_eval"),
+        "lm_eval": results.get("lm_eval_version") or version("lm_eval"),
         "batch_size": bs,
         "seconds": round(time.time() - start, 1),
         "scores": {t.name: task_score(results, t, limit) for t in tasks},
@@ -314,12 +174,6 @@ def evaluate_target(target: Target, tasks: list[HarnessTask], task_objects: list
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return record
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 def _metric_key(metrics: dict, metric: str | None) -> str | None:
@@ -388,7 +242,7 @@ def h4_score(scores: dict) -> float | None:
 
 def evaluate(location: str, tasks_spec: str, *, include: list[str], limit: int | None, steps: str, batch_size: str,
              adapter: str | None, precision: str, compute_dtype: str, log=print) -> dict:
-    """`lora-sdpo eval`: the results document (and, for a run, its manifest's `eval` key and report)."""
+    """`lora-sdpo eval`: the results document (and, for a run, its manifest's `eval` key; the caller rebuilds the report)."""
     if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0) and not batch_size.startswith("auto:"):
         raise EvalError(f"--batch-size {batch_size}: give a positive number or auto")
     if limit is not None and limit <= 0:
@@ -408,8 +262,8 @@ def evaluate(location: str, tasks_spec: str, *, include: list[str], limit: int |
     tm = task_manager(tasks, include)
     task_objects = load_tasks(tm, tasks)
     doc = {
-        "lora_sdpo": _version("lora-sdpo"),
-        "lm_eval": _version("lm_eval"),
+        "lora_sdpo": version("lora-sdpo"),
+        "lm_eval": version("lm_eval"),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": str(location),
         "tasks": [asdict(t) for t in tasks],
@@ -426,17 +280,11 @@ def evaluate(location: str, tasks_spec: str, *, include: list[str], limit: int |
             + (f", H4 {100 * rec['h4']:.2f}" if rec["h4"] is not None else "") + f" ({rec['seconds']:.0f}s)")
         if run:
             store_in_manifest(Path(location), target.label, rec)
-    if run:
-        from .report import build_report
-
-        doc["report"] = str(build_report(Path(location)))
     return doc
 
 
 def store_in_manifest(root: Path, label: str, record: dict) -> None:
     """Merge one model's scores into the manifest's `eval` key (re-read first: a manifest is the run's truth)."""
-    from .rundir import RunDir
-
     run = RunDir(root)
     manifest = run.read_manifest()
     models = manifest.setdefault("eval", {}).setdefault("models", {})
@@ -446,15 +294,8 @@ def store_in_manifest(root: Path, label: str, record: dict) -> None:
         record = {**record, "scores": {**old.get("scores", {}), **record["scores"]}}
         record["h4"] = h4_score(record["scores"])
     models[label] = record
-    manifest["eval"]["models"] = dict(sorted(models.items(), key=lambda kv: _model_order(kv[0])))
+    manifest["eval"]["models"] = dict(sorted(models.items(), key=lambda kv: model_order(kv[0])))
     run.write_manifest(manifest)
-
-
-def _model_order(label: str) -> tuple[int, int]:
-    """S, M_1, M_2, ... in the paper's order, whatever order they were evaluated in."""
-    if label == "S":
-        return (0, 0)
-    return (1, int(label[2:])) if label.startswith("M_") and label[2:].isdigit() else (2, 0)
 
 
 # ---------------------------------------------------------------- tables
@@ -472,7 +313,7 @@ def results_table(models: dict, stale: set[str] = frozenset()) -> tuple[list[str
 
     `stale`: models whose weights changed after they were evaluated (their scores are marked).
     """
-    models = dict(sorted(models.items(), key=lambda kv: _model_order(kv[0])))
+    models = dict(sorted(models.items(), key=lambda kv: model_order(kv[0])))
     mixed = len({rec.get("precision") for rec in models.values()}) > 1
     names: list[str] = []
     labels: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: fetching a base model, and pushing an export safely.
+"""Pushing an export to the Hugging Face Hub, safely (fetching a model from it is fetch.py).
 
 A push uploads only a finished export (its export.json marker lists every file and its size) or a
 finished run directory, which is exported first. Training leftovers (optimizer and RNG pickles,
@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelError, UserError
+from .errors import PushError
 from .export import MARKER, ExportPlan, plan_export, write_export
-from .locations import no_model_folder
+from .rundir import RunDir, is_run_dir
 
 # Never uploaded, whatever a folder or marker says: pickles can run code when loaded, caches and
 # checkpoints are bulky and may hold the training data.
@@ -32,56 +32,6 @@ NEVER_UPLOAD = (
 NEVER_UPLOAD_DIRS = ("hf_cache", ".cache", "trainer", "checkpoint-*", "data", "__pycache__")
 TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "ssl", "socket")
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-class PushError(UserError):
-    """A folder or repo that cannot be pushed as asked."""
-
-
-def local_model_dir(location: str, revision: str | None = None) -> Path:
-    """A model as a local folder: the folder itself, or a snapshot of the Hub repo's safetensors and configs.
-
-    Lives here, not in run.py, so that `merge` and `push` need not import the training stack.
-    """
-    p = Path(location).expanduser()
-    if p.is_dir():
-        return check_safetensors(p.resolve())
-    problem = no_model_folder(location)
-    if problem:
-        raise ModelError(problem)
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(
-            snapshot_download(
-                location,
-                revision=revision,
-                allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.md", "LICENSE*"],
-            )
-        )
-    except Exception as e:  # offline, missing repo, gated repo: all mean "cannot get it here"
-        raise ModelError(
-            f"model {location!r} is not a local folder and cannot be fetched from the Hub "
-            f"({type(e).__name__}). Without network access (HF_HUB_OFFLINE=1) download it first "
-            "and give the folder."
-        ) from None
-    return check_safetensors(folder, hub_id=location)
-
-
-PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-
-
-def check_safetensors(folder: Path, hub_id: str | None = None) -> Path:
-    """Models are read from safetensors only: pickle weights can run code when they are loaded."""
-    if any(folder.glob("*.safetensors")) or not (folder / "config.json").exists():
-        return folder  # a model with safetensors, or not a model folder (its own loader will say so)
-    pickles = sorted(f.name for pat in PICKLE_WEIGHTS for f in folder.glob(pat))
-    where = f"Hub repo {hub_id!r}" if hub_id else f"model folder {folder}"
-    raise ModelError(
-        f"{where} has no safetensors weights{' (only ' + ', '.join(pickles[:3]) + ')' if pickles else ''}. lora-sdpo loads "
-        "safetensors only, because pickle weights can run code when loaded. Convert the model once in a trusted "
-        "environment (load it with transformers and save_pretrained(..., safe_serialization=True)) and point at that folder"
-    )
 
 
 def never_upload(rel: str) -> bool:
@@ -130,10 +80,6 @@ def _listing(files: list[tuple[str, int]]) -> list[str]:
     return lines
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / "manifest.json").exists() and not (path / MARKER).exists()
-
-
 def push(
     path: Path,
     repo_id: str,
@@ -151,8 +97,8 @@ def push(
     if not path.is_dir():
         raise PushError(f"{path}: not a folder; give an export folder or a run directory")
     plan: ExportPlan | None = None
-    if _is_run_dir(path):
-        manifest = json.loads((path / "manifest.json").read_text())
+    if is_run_dir(path):
+        manifest = RunDir(path).read_manifest()
         if manifest.get("status") != "done":
             raise PushError(
                 f"{path}/manifest.json: the run is not finished (status {manifest.get('status')!r}); "

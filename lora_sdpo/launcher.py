@@ -18,14 +18,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
-from .distributed import broadcast, gather_object, world
+from .distributed import BEAT_KEY, BEAT_SECONDS, ERROR_DIR_ENV, broadcast, gather_object, store_client, world
 from .errors import RunError
-
-ERROR_DIR_ENV = "LORA_SDPO_ERROR_DIR"  # where each process leaves its error message for the launcher
-
 
 # ---------------------------------------------------------------------------------------------
 # Launching
@@ -112,20 +108,6 @@ def launch(argv: list[str], processes: int, echo=print, machines: Machines = Mac
         return first["status"]
 
 
-def record_error(message: str, status: int, lost: bool = False) -> None:
-    """Leave this process's error for the launching `lora-sdpo run --num-processes` (a no-op otherwise)."""
-    record("error", {"message": message, "status": status, "time": time.time(), "lost": lost})
-
-
-def record(kind: str, content: dict | None = None) -> None:
-    """rank-R.started / .finished / .error in the launcher's folder: how each process ended."""
-    folder = os.environ.get(ERROR_DIR_ENV)
-    w = world()
-    if folder and w.active:
-        with contextlib.suppress(OSError):
-            Path(folder, f"rank-{w.rank}.{kind}").write_text(json.dumps({"rank": w.rank, **(content or {})}))
-
-
 def _has_gpu() -> bool:
     import torch
 
@@ -136,38 +118,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Who is still there: a heartbeat per process in the launcher's store
-
-
-BEAT_SECONDS = 0.5
-_BEAT = "lora-sdpo/beat/{}"
-
-
-def _store(timeout_s: float):
-    """A client of the store the launcher (torch elastic) serves on machine 0, at MASTER_ADDR:MASTER_PORT."""
-    import torch.distributed as dist
-
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
-
-
-def start_heartbeat(rank: int) -> None:
-    """Count up this process's key in the store, from a thread, for as long as the process lives:
-    a process whose count stops moving has died (or its machine is gone)."""
-    import threading
-
-    def beat():
-        with contextlib.suppress(Exception):  # the store is gone: the run is ending anyway
-            store = _store(10)
-            while True:
-                store.add(_BEAT.format(rank), 1)
-                time.sleep(BEAT_SECONDS)
-
-    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        threading.Thread(target=beat, name="lora-sdpo-heartbeat", daemon=True).start()
 
 
 def is_connection_error(e: BaseException) -> bool:
@@ -192,10 +142,10 @@ def lost_peer_message(watch_s: float = 4 * BEAT_SECONDS + 1) -> str:
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:  # not a torch elastic launch
         return f"process {w.rank} of {w.size} lost its connection to another process; {again}"
     try:
-        store = _store(5)
-        before = [int(store.add(_BEAT.format(r), 0)) for r in range(w.size)]
+        store = store_client(5)
+        before = [int(store.add(BEAT_KEY.format(r), 0)) for r in range(w.size)]
         time.sleep(watch_s)
-        after = [int(store.add(_BEAT.format(r), 0)) for r in range(w.size)]
+        after = [int(store.add(BEAT_KEY.format(r), 0)) for r in range(w.size)]
     except Exception:
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         return (f"process {w.rank} of {w.size} lost its connection to the others, and machine 0's launcher ({where}) "

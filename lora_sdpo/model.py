@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
+from . import pairs
 from .errors import ModelError
 from .recipe import AdapterConfig
 
@@ -135,8 +136,6 @@ def sequence_logps(model, tokenized: list[dict], pad_token_id: int, max_length: 
     `tokenized` rows carry TRL's prompt_ids/chosen_ids/rejected_ids; batching, truncation and the
     label mask are TRL's collator's, so the numbers mean exactly what the trainer's do.
     """
-    from . import pairs
-
     collator = DataCollatorForPreference(pad_token_id=pad_token_id, max_length=max_length)
     # TRL's head goes on the transformers model under any PEFT wrapper, once (the marker is also
     # set by step.py on models TRL has already patched).

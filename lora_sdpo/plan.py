@@ -13,10 +13,12 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from .audit import audit
 from .data import load_eval_pairs, load_step_pairs, token_lengths
+from .errors import DataError
 from .distributed import split_batch
-from .model import lora_parameter_count
+from .model import load_tokenizer, lora_parameter_count
+from .pairs import TILE_BYTES, TILE_BYTES_DEFAULT
 from .splits import apply_split, composition
 from .recipe import AdapterConfig, LoadedRecipe, TrainingConfig
 
@@ -45,8 +47,6 @@ def read_model_config(recipe: LoadedRecipe) -> tuple[dict | None, object | None,
             cfg_file = hf_hub_download(location, "config.json", revision=recipe.recipe.model.revision)
             config = json.loads(Path(cfg_file).read_text())
             folder = location
-        from .model import load_tokenizer
-
         tok = load_tokenizer(folder, revision=recipe.recipe.model.revision)
         return config, tok, None
     except Exception as e:  # the Hub client's errors all mean: not reachable from here
@@ -164,8 +164,6 @@ def memory_estimate(
     else:
         acts = tokens * layers * per_layer + outside
     if training.prefix_sharing:  # pairs.py sizes the vocabulary tile to a byte budget (float32 tile)
-        from .pairs import TILE_BYTES, TILE_BYTES_DEFAULT
-
         budget = TILE_BYTES.get(device, TILE_BYTES_DEFAULT)
         head_tiles = budget * CPU_HEAD_TILE_COPIES if device == "cpu" else budget * compute / 4
     else:
@@ -262,8 +260,6 @@ def backbone_tokens(lens: list[tuple[int, int, int]], max_length: int, batch: in
 def overlap_lines(steps_data: list, ev, allow_eval_overlap: bool, exact_members: bool = True) -> list[str]:
     """The overlap audit as `run` makes it before writing anything (lora_sdpo.audit); a held-out set
     that overlaps a step is refused here too. Steps that cannot be read here are left out."""
-    from .audit import audit
-
     known = [ps for ps in steps_data if ps is not None]
     if not known:
         return []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .data import PairSet, SourceReport, load_pairs, load_step_pairs
 from .errors import DataError, RecipeError
-from .recipe import DataConfig, SourceConfig
+from .recipe import DataConfig, SourceConfig, load_recipe
 
 
 @dataclass
@@ -42,8 +42,6 @@ def previews(source: str, step: int | None = None, columns: str | None = None, p
         if columns or pairs_from or rule:
             raise DataError(f"{source}: --columns and --pairs-from (and its options) are for a data file; in a recipe, set "
                             "`columns` and `pairs_from` in its [[steps.sources]]")
-        from .recipe import load_recipe
-
         loaded = load_recipe(source, overrides)
         n = len(loaded.recipe.steps)
         if step is not None and not 1 <= step <= n:

@@ -15,10 +15,12 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from .errors import RecipeError
 from .formats import COLUMNS
+from .locations import names_local_path, no_model_folder
 from .roles import TRAINED, table_text
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -459,8 +461,7 @@ class LoadedRecipe(BaseModel):
     def model_location(self) -> str:
         """A local folder when the model path names one (relative to the recipe), else the Hub id."""
         local = self.resolve(self.recipe.model.path)
-        names_local = self.recipe.model.path.startswith((".", "/", "~"))
-        return str(local) if local.exists() or names_local else self.recipe.model.path
+        return str(local) if local.exists() or names_local_path(self.recipe.model.path) else self.recipe.model.path
 
     def output_dir(self, override: str | None = None) -> Path:
         if override:
@@ -477,7 +478,7 @@ _HINTS = {
 }
 
 
-def _format_errors(where: str, err: ValidationError) -> str:
+def format_errors(where: str, err: ValidationError) -> str:
     # A union (adapter = "name" | {table}) reports one error per member; keep the member that
     # matches what the user wrote and drop pydantic's member names from the key path.
     errors, seen = [], set()
@@ -571,7 +572,7 @@ def load_adapter_preset(name: str, recipe_path: Path) -> tuple[AdapterConfig, Pa
             try:
                 return AdapterConfig.model_validate(data), f
             except ValidationError as e:
-                raise RecipeError(_format_errors(str(f), e)) from None
+                raise RecipeError(format_errors(str(f), e)) from None
     known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
     raise RecipeError(
         f"{recipe_path}: adapter: no preset named {name!r} (looked in {', '.join(str(d) for d in dirs)}); "
@@ -602,7 +603,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_errors(str(path), e)) from None
+        raise RecipeError(format_errors(str(path), e)) from None
     if isinstance(recipe.adapter, str):
         adapter, preset_path = load_adapter_preset(recipe.adapter, path)
         source = f"preset {recipe.adapter} ({preset_path})"
@@ -613,8 +614,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> LoadedRecipe:
         adapter, source = recipe.adapter, "inline [adapter]"
     loaded = LoadedRecipe(path=path, text=text, recipe=recipe, adapter=adapter, adapter_source=source)
     problems = []
-    from .locations import no_model_folder
-
     model_problem = no_model_folder(loaded.model_location())
     if model_problem:
         problems.append(f"model.path: {model_problem} (paths are relative to the recipe)")

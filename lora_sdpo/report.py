@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from .audit import contamination_note
+from .diagnostics import paired_differences
+from .errors import RunError
+from .harness import results_table
 from .rundir import RunDir, atomic_write_bytes, atomic_write_text, read_jsonl
+from .samples import report_section
+from .targets import fingerprint_from_manifest
 
 
-def _fmt(x, digits=3) -> str:
+def fmt_number(x, digits=3) -> str:
     if x is None:
         return "n/a"
     if isinstance(x, float):
@@ -34,9 +41,9 @@ def summary_rows(manifest: dict) -> list[list[str]]:
                 str(s["index"]),
                 s["reference"],
                 str(s["rows"]),
-                _fmt(s["first_loss"], 4),
-                _fmt(s["last_loss"], 4),
-                _fmt(s["reward_accuracy"], 2),
+                fmt_number(s["first_loss"], 4),
+                fmt_number(s["last_loss"], 4),
+                fmt_number(s["reward_accuracy"], 2),
                 gamma_ref_text(s),
                 retention_text(s),
                 f"{s['timings']['total']:.0f}s",
@@ -84,8 +91,6 @@ def _fmt_setting(v) -> str:
 
 def matrix_table(manifest: dict) -> tuple[list[str], list[list[str]]]:
     """Mean ± standard error of each model's gamma on each dataset's sample; a contaminated eval says so."""
-    from .audit import contamination_note
-
     gm = manifest.get("gamma_matrix") or {}
     rows = gm.get("rows") or {}
     data = list(gm.get("sample") or {})
@@ -106,7 +111,7 @@ def paired_table(paired: list[dict]) -> list[list[str]]:
         elif p.get("n") is None:
             cells = ["-", "n/a (no per-pair gammas)", "-"]
         else:
-            cells = [str(p["n"]), _pm(p["mean"], p["se"]), _fmt(p["frac_positive"], 2)]
+            cells = [str(p["n"]), _pm(p["mean"], p["se"]), fmt_number(p["frac_positive"], 2)]
         rows.append([str(p["step"]), p["reference"], p["data"], *cells])
     return rows
 
@@ -120,11 +125,9 @@ def overlap_section(manifest: dict) -> list[str]:
     if not ov["overlaps"]:
         return lines + ["No pair and no prompt is shared between any two steps, or between a step and the held-out set "
                         "(normalised pairs compared by hash).\n"]
-    lines.append(_md_table(["data", "also in", "same pairs", "same prompt, other completions", "first rows (this = there)"], [
+    lines.append(md_table(["data", "also in", "same pairs", "same prompt, other completions", "first rows (this = there)"], [
         [o["b"], o["a"], str(o["exact"]), str(o["prompt"]),
          "; ".join(f"{b} = {a}" for b, a in (o["exact_rows"] + o["prompt_rows"])[:3])] for o in ov["overlaps"]]))
-    from .audit import contamination_note
-
     note = contamination_note(manifest)
     lines.append("\nA step whose data overlaps an earlier step's has a reference that trained on those pairs (Kim et al. "
                  "2024, sec. 4.2)." + (f" **{note}**: its column measures pairs a model trained on." if note else "") + "\n")
@@ -145,7 +148,7 @@ def tokens_section(manifest: dict) -> list[str]:
         return []
     return [
         "\n## Tokens of training\n",
-        _md_table(["step", "forward", "backbone", "TRL two-row", "completion", "backbone / two-row", "LM head / two-row"], rows),
+        md_table(["step", "forward", "backbone", "TRL two-row", "completion", "backbone / two-row", "LM head / two-row"], rows),
         "\nbackbone: tokens the training forwards put through the decoder layers; TRL two-row: what TRL's layout "
         "(chosen and rejected as two rows, each with the prompt, padded to the batch's longest) puts through them for "
         "the same batches; completion: the tokens the LM head scores on the pair forward (TRL's head scores every "
@@ -153,7 +156,7 @@ def tokens_section(manifest: dict) -> list[str]:
     ]
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -243,8 +246,6 @@ def plot_matrix(manifest: dict, path: Path, paired: list[dict] | None = None) ->
 
 
 def _save_fig(fig, path: Path) -> None:
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
@@ -255,8 +256,6 @@ def eval_section(manifest: dict) -> list[str]:
     models = (manifest.get("eval") or {}).get("models") or {}
     if not models:
         return []
-    from .harness import fingerprint_from_manifest, results_table
-
     # A step redone after its evaluation (a damaged step is redone on resume) has new weights.
     stale = {f"M_{s['index']}" for s in manifest["steps"] if f"M_{s['index']}" in models and s.get("model_files")
              and fingerprint_from_manifest(s["model_files"]) != models[f"M_{s['index']}"].get("fingerprint")}
@@ -266,7 +265,7 @@ def eval_section(manifest: dict) -> list[str]:
           "(Kim et al. 2024, Table 2). ") if "H4" in header else ""
     return [
         "\n## Benchmarks (lm-evaluation-harness)\n",
-        _md_table(header, rows),
+        md_table(header, rows),
         f"\nScores x 100 ± standard error. {h4}Weights as evaluated: {'; '.join(settings)}.\n",
         *[f"- {n}" for n in notes],
     ]
@@ -276,11 +275,7 @@ def build_report(root: Path) -> Path:
     run = RunDir(Path(root))
     manifest = run.read_manifest()
     if manifest is None:
-        from .errors import RunError
-
         raise RunError(f"{root}: no manifest.json; not a lora-sdpo run directory")
-    from .diagnostics import paired_differences
-
     curves = plot_curves(run, manifest, run.root / "curves.png")
     paired = paired_differences(run.root, manifest) if manifest.get("gamma_matrix") else []
     heat = plot_matrix(manifest, run.root / "gamma_matrix.png", paired)
@@ -288,7 +283,7 @@ def build_report(root: Path) -> Path:
         f"# sDPO run report\n\nRecipe: `recipe.toml` (settings sha256 `{manifest['recipe_sha256'][:12]}`), base model "
         f"`{manifest['base_model']}`, status **{manifest['status']}**.\n",
         "## Steps\n",
-        _md_table(SUMMARY_HEADER, summary_rows(manifest)),
+        md_table(SUMMARY_HEADER, summary_rows(manifest)),
         "\nfirst loss: the DPO loss of the first optimizer update (for the sigmoid loss ln 2 = 0.6931 when the "
         "reference is the step's starting model). reward acc: TRL's reward accuracy averaged over the last quarter of the step's updates. "
         "gamma_ref: mean gamma of the step's reference over all n pairs of D_t (TRL's reference pass), ± its standard "
@@ -300,26 +295,24 @@ def build_report(root: Path) -> Path:
             parts.append(f"- step {s['index']}: " + "; ".join(s["sources"]))
     header, rows = settings_table(manifest)
     if rows:
-        parts += ["\n## Training settings of each step\n", _md_table(header, rows),
+        parts += ["\n## Training settings of each step\n", md_table(header, rows),
                   "\n[training] with each step's [steps.training] overrides, as the step ran (manifest `training`). "
                   "The first loss at zero margin depends on the loss: ln 2 for sigmoid, 1 for hinge, (1/(2 beta))^2 for ipo.\n"]
     header, rows = matrix_table(manifest)
     if rows:
         parts += [
             "\n## Reference diagnostics: mean gamma of each model on each dataset\n",
-            _md_table(header, rows),
+            md_table(header, rows),
             "\nMean ± standard error over the first n pairs of each dataset (diagnostics.gamma_sample). The paper "
             "(Kim et al. 2024, Fig. 2) expects the reference's gamma on the next step's data to rise step "
             "by step, and a model's gamma on data it trained on to be far higher (a reference that saw the data).\n",
         ]
-        from .audit import contamination_note
-
         if contamination_note(manifest):
             parts.append(f"**{contamination_note(manifest)}**: that column is not a held-out measurement.\n")
         if len(paired) > 1:
             parts += [
                 "\n### Each step's reference against S, on the same pairs\n",
-                _md_table(PAIRED_HEADER, paired_table(paired)),
+                md_table(PAIRED_HEADER, paired_table(paired)),
                 "\nThe paper's comparison (Fig. 2): gamma of step t's reference M_{t-1} minus gamma of S, pair by pair on "
                 "D_t's sample. Pairing removes what the two models share (how hard each pair is), most of gamma's "
                 "spread, so its standard error is far smaller than the cells'. share > 0: the pairs where the reference "
@@ -330,8 +323,6 @@ def build_report(root: Path) -> Path:
     parts += tokens_section(manifest)
     parts += overlap_section(manifest)
     parts += eval_section(manifest)
-    from .samples import report_section
-
     parts += report_section(run.root)
     if curves:
         parts += ["\n## Training curves\n", "![curves](curves.png)\n"]
@@ -356,8 +347,6 @@ def print_summary(manifest: dict, console) -> None:
     header, rows = matrix_table(manifest)
     if rows:
         console.print(_rich_table("mean gamma ± s.e. of each model on each dataset", header, rows))
-        from .audit import contamination_note
-
         if contamination_note(manifest):
             console.print(f"[yellow]{contamination_note(manifest)}[/]", soft_wrap=True)
     paired = (manifest.get("gamma_matrix") or {}).get("paired")

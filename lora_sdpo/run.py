@@ -7,13 +7,15 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from .data import prepare_run_data, tokenize_pair
 from . import distributed, faults, tracking
+from .data import prepare_run_data, tokenize_pair
+from .diagnostics import gammas, paired_differences
 from .errors import RunError, UserError
-from .hub import local_model_dir
-from .model import load_tokenizer
+from .fetch import local_model_dir
+from .model import load_base, load_tokenizer
 from .recipe import LoadedRecipe
 from .rundir import RunDir, atomic_write_text, remove_temporaries, verify_files
+from .samples import for_run
 from .step import StepContext, run_step
 
 LIBRARIES = ("lora-sdpo", "torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "safetensors")
@@ -29,9 +31,6 @@ def _base_scorer(recipe: LoadedRecipe, base_dir: Path, tokenizer):
         return None
 
     def score(rows: list[dict]) -> list[float]:
-        from .diagnostics import gammas
-        from .model import load_base
-
         model = load_base(base_dir, recipe.adapter)
         t = recipe.recipe.training
         g = gammas(model, [tokenize_pair(r, tokenizer) for r in rows], tokenizer, t.max_length, prefix_sharing=t.prefix_sharing)
@@ -135,8 +134,6 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     samples = {name: [tokenize_pair(r, tokenizer) for r in ps.rows[:k]] for name, ps in named.items()}
     ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, samples=samples)
     if main:
-        from .samples import for_run
-
         ctx.sample_log = for_run(run.root, recipe, data.eval)
     manifest.setdefault("gamma_matrix", {"sample": {name: len(rows) for name, rows in samples.items()}, "rows": {}})
     manifest["gamma_matrix"]["per_pair"] = "gamma/<row>.safetensors"  # one tensor per dataset, the sample's order
@@ -210,8 +207,6 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         run.write_manifest(manifest)
         log(step_summary(entry, n))
         faults.point("done")
-    from .diagnostics import paired_differences
-
     manifest["gamma_matrix"]["paired"] = paired_differences(run.root, manifest)
     manifest["status"] = "done"
     run.write_manifest(manifest)

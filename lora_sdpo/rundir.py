@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from . import manifest
+from .errors import RunError
+
 TMP_MARK = ".tmp-"
+EXPORT_MARKER = "export.json"  # written last into a finished export (export.py, gguf_export.py): the file list
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A folder `lora-sdpo run` wrote (it holds manifest.json), not an export of one."""
+    return (Path(path) / "manifest.json").is_file() and not (Path(path) / EXPORT_MARKER).exists()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -146,9 +155,8 @@ class RunDir:
         return str(Path(p).relative_to(self.root))
 
     def read_manifest(self) -> dict | None:
-        if not self.manifest_path.exists():
-            return None
-        return json.loads(self.manifest_path.read_text())
+        """The manifest (None when there is none), checked against manifest.py's records."""
+        return manifest.read(self.manifest_path)
 
     def write_manifest(self, manifest: dict) -> None:
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -192,8 +200,6 @@ def verify_files(folder: Path, hashes: dict[str, str] | None) -> str | None:
 
 def ensure_free_space(folder: Path, need: int, what: str, error=None) -> None:
     """Stop before writing `need` bytes into `folder` when the disk cannot hold them."""
-    from .errors import RunError
-
     p = Path(folder).resolve()
     while not p.exists():
         p = p.parent

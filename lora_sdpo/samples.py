@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .generate import Settings, complete
 from .rundir import atomic_write_json
+from .targets import model_order
 
 FILE = "samples.json"
 SHOWN_CHARS = 300  # per completion in report.md; samples.json keeps the whole text
@@ -71,10 +72,6 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _order(label: str) -> tuple[int, int]:
-    return (0, 0) if label == "S" else (1, int(label.split("_")[1])) if label.startswith("M_") else (2, 0)
-
-
 def _one_line(text: str, n: int) -> str:
     flat = " ".join(text.split())  # the table cell: one line
     flat = flat if len(flat) <= n else flat[: n - 3].rstrip() + "..."
@@ -92,7 +89,7 @@ def report_section(root: Path) -> list[str]:
     doc = _read(Path(root) / FILE)
     if not doc or not doc.get("models"):
         return []
-    labels = sorted(doc["models"], key=_order)
+    labels = sorted(doc["models"], key=model_order)
     weights = "; ".join(f"{label}: {doc['models'][label]['weights']}" for label in labels)
     seconds = sum(doc["models"][label].get("seconds", 0) for label in labels)
     parts = [

@@ -11,11 +11,13 @@ number of pairs per step and differ only in which pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter, defaultdict
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .data import PairSet
+if TYPE_CHECKING:  # data.py calls the splits; a split only regroups the PairSets it is given
+    from .data import PairSet
 
 
 def step_sizes(total: int, fractions: list[float]) -> list[int]:
@@ -44,7 +46,7 @@ def stratified(natural: list[PairSet], fractions: list[float], seed: int) -> lis
             parts[t] += rows[start : start + n]
             start += n
     reports = [rep for ps in natural for rep in ps.reports]
-    return [PairSet(rows=p, reports=reports) for p in parts]
+    return [dataclasses.replace(natural[0], rows=p, reports=reports) for p in parts]
 
 
 def curriculum(natural: list[PairSet], fractions: list[float], score: Callable[[list[dict]], list[float]]) -> list[PairSet]:
@@ -58,7 +60,7 @@ def curriculum(natural: list[PairSet], fractions: list[float], score: Callable[[
         parts.append(ranked[start : start + n])
         start += n
     reports = [rep for ps in natural for rep in ps.reports]
-    return [PairSet(rows=p, reports=reports) for p in parts]
+    return [dataclasses.replace(natural[0], rows=p, reports=reports) for p in parts]
 
 
 def natural_fractions(natural: list[PairSet]) -> list[float]:

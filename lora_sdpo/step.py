@@ -28,13 +28,14 @@ from trl import DPOConfig, DPOTrainer
 
 from . import distributed, faults, pairs
 from .tracking import StepTracking
-from .data import PairSet, write_pairs
+from .data import PairSet, tokenize_pair, write_pairs
 from .diagnostics import gamma_file, gammas, save_gammas, stats
 from .errors import DataError, RunError
 from .merge import merge_lora
 from .model import lora_config, load_base, sequence_logps
 from .recipe import LoadedRecipe
 from .rundir import RunDir, atomic_dir, atomic_write_bytes, atomic_write_bytes_if_changed, atomic_write_json, ensure_free_space, file_hashes, read_jsonl, verify_files
+from .shards import model_tensors
 from .splits import composition
 
 
@@ -319,8 +320,6 @@ class LossGuard(TrainerCallback):
 
 def _free_space_for_model(run: RunDir, index: int, source_dir: Path) -> None:
     """M_t is written as float32 shards; stop now, not after hours of training, if it cannot fit."""
-    from .shards import model_tensors
-
     need = sum(math.prod(t.shape) * 4 if t.is_float else t.nbytes for t in model_tensors(source_dir).values())
     ensure_free_space(run.step(index), need, f"step {index}: writing M_{index} (float32)")
 
@@ -438,8 +437,6 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, entry: dict, save) ->
 
 def _retention_sample(data_dir: Path, ctx: StepContext, k: int) -> list[dict]:
     """The first k pairs of D_t, tokenised as TRL tokenised them for training."""
-    from .data import tokenize_pair
-
     rows = [json.loads(line) for line in (data_dir / "pairs.jsonl").read_text().splitlines()[:k]]
     return [tokenize_pair(r, ctx.tokenizer) for r in rows]
 

@@ -8,10 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+# One CPU thread for this process and every CLI run it starts (they inherit the environment), set
+# before torch is imported. The tests' models are tiny: with two threads an NF4 forward spends most of
+# its time in OpenMP's hand-offs (a two-step run of the shared fixture took 4x the CPU time with two
+# threads on this 2-core machine), and the pytest process and a CLI run would compete for the cores.
+# LORA_SDPO_TEST_THREADS sets another count. Results do not depend on it: runs the tests compare
+# (a resumed run and the uninterrupted one, lora-sdpo and TRL by hand) run with the same count.
+os.environ["OMP_NUM_THREADS"] = os.environ.get("LORA_SDPO_TEST_THREADS", "1")
+os.environ["MKL_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in case a plugin imported torch first
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -148,6 +158,29 @@ def cli(*args: str, check: bool = True, timeout: int = 900, env: dict | None = N
     return proc
 
 
+def cli_here(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`lora-sdpo ARGS` inside this process (click's runner), answered like cli(): for commands that
+    train nothing (plan, report, gamma), which as a subprocess would pay the stack's import again
+    (about 7 s of CPU a call). The same environment as cli() (the fake token included) while it
+    runs; its output joins CLI_OUTPUTS; an exception that escapes the command is written to stderr
+    as the interpreter would, so that "Traceback" in stderr still means one."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from lora_sdpo.cli import main
+
+    result = CliRunner().invoke(main, list(args), env={"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_TOKEN": FAKE_TOKEN, **(env or {})})
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    proc = subprocess.CompletedProcess(["lora-sdpo", *args], result.exit_code, result.stdout, stderr)
+    CLI_OUTPUTS.extend((proc.stdout, proc.stderr))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lora-sdpo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
 def fixture_recipe(folder: Path, data_dir: Path, held_out: Path, extra: str = "") -> Path:
     """The recipe of the shared two-step run (its held-out file `held_out`), with `extra` TOML after it."""
     return write_recipe(folder, data_dir, extra=f'samples = 2\nsample_tokens = 16\n\n[[data.eval]]\npath = "{held_out}"\n' + extra)
@@ -163,3 +196,33 @@ def two_step_run(tmp_path_factory, data_dir) -> Path:
     out = folder / "run"
     cli("run", str(recipe), "--output", str(out))
     return out
+
+
+# LORA_SDPO_TEST_CPU=1: after the run, the tests that took the most CPU time (this process and the
+# CLI runs it waited for), a measure that other jobs on the machine do not inflate as they do the
+# wall times of --durations.
+_CPU: list[tuple[float, str]] = []
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("LORA_SDPO_TEST_CPU"):
+        yield
+        return
+    start = _cpu_seconds()
+    yield
+    _CPU.append((_cpu_seconds() - start, item.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _CPU:
+        terminalreporter.section(f"CPU seconds per test (setup + call + teardown), total {sum(c for c, _ in _CPU):.1f}")
+        for cpu, nodeid in sorted(_CPU, reverse=True)[:25]:
+            terminalreporter.write_line(f"{cpu:8.1f}  {nodeid}")

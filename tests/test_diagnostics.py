@@ -10,7 +10,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from conftest import MODEL, cli, completion_logp, nf4
+from conftest import MODEL, cli_here, completion_logp, nf4
 from lora_sdpo.data import normalise
 from lora_sdpo.data import tokenize_pair
 from lora_sdpo.diagnostics import seen_data_warning
@@ -28,7 +28,7 @@ def test_tokenize_pair_is_trls_tokenisation(two_step_run):
 
 
 def test_gamma_command_equals_independent_computation(data_dir):
-    proc = cli("gamma", "--model", str(MODEL), "--data", str(data_dir / "ultra.jsonl"), "--limit", "4", "--max-length", "128", "--json")
+    proc = cli_here("gamma", "--model", str(MODEL), "--data", str(data_dir / "ultra.jsonl"), "--limit", "4", "--max-length", "128", "--json")
     res = json.loads(proc.stdout)
     (entry,) = res["sources"].values()
     assert entry["n"] == 4
@@ -47,7 +47,7 @@ def test_gamma_command_equals_independent_computation(data_dir):
 
 
 def test_gamma_against_reports_the_implicit_reward_view(two_step_run, data_dir):
-    proc = cli("gamma", "--model", str(two_step_run / "step-1" / "model"), "--against", str(MODEL),
+    proc = cli_here("gamma", "--model", str(two_step_run / "step-1" / "model"), "--against", str(MODEL),
                "--data", str(data_dir / "orca.jsonl"), "--limit", "4", "--max-length", "128")
     assert "gamma_model > gamma_against on" in proc.stdout and "gamma mean" in proc.stdout
 
@@ -77,5 +77,5 @@ def test_report_is_written_and_rebuilt(two_step_run):
     text = report.read_text()
     assert "| step | reference | pairs |" in text and "mean gamma of each model on each dataset" in text
     report.unlink()
-    cli("report", str(two_step_run))
+    cli_here("report", str(two_step_run))
     assert report.read_text() == text

@@ -19,6 +19,13 @@ def test_docs_recipe_reference_is_the_schema():
     assert schema_reference() in page, "regenerate with: python -m lora_sdpo.recipe, and paste it into docs/recipes.md"
 
 
+def test_docs_manifest_reference_is_the_records():
+    from lora_sdpo.manifest import reference
+
+    page = (ROOT / "docs" / "manifest.md").read_text()
+    assert reference() in page, "regenerate with: python -m lora_sdpo.manifest, and paste it into docs/manifest.md"
+
+
 def test_readme_is_a_front_door():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.encode()) <= 10_000

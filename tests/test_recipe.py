@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT, cli
+from conftest import ROOT, cli, cli_here
 from lora_sdpo.recipe import RecipeError, load_recipe, schema_reference
 
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
@@ -123,7 +123,7 @@ def test_set_overrides_one_field_of_a_named_preset(tmp_path):
 
 
 def test_plan_on_quickstart():
-    proc = cli("plan", str(ROOT / "recipes" / "quickstart.toml"))
+    proc = cli_here("plan", str(ROOT / "recipes" / "quickstart.toml"))
     out = proc.stdout
     assert "step 1: D_1 -> M_1 (reference S)" in out and "step 2: D_2 -> M_2 (reference M_1)" in out
     assert "prompt+chosen tokens: mean" in out
@@ -135,7 +135,7 @@ def test_plan_on_quickstart():
 
 
 def test_plan_on_two_step_offline_says_what_is_not_reachable():
-    proc = cli("plan", str(ROOT / "recipes" / "two_step.toml"))
+    proc = cli_here("plan", str(ROOT / "recipes" / "two_step.toml"))
     out = proc.stdout
     assert "NOT REACHABLE: model 'teknium/OpenHermes-2.5-Mistral-7B' is not reachable" in out
     assert "HF_HUB_OFFLINE" in out

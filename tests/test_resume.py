@@ -87,10 +87,23 @@ def test_killed_at_each_phase_resumes_to_the_uninterrupted_result(tmp_path, data
     _assert_same_result(out, two_step_run)
 
 
+def _damage_m2(out: Path) -> None:
+    f = out / "step-2/model/model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in M_2
+    f.write_bytes(bytes(data))
+
+
 def test_killed_at_a_random_moment_in_step_2(tmp_path, data_dir, two_step_run):
-    """A kill from outside, at whatever point step 2 has reached 3 s after it started."""
-    recipe = write_recipe(tmp_path, data_dir)
+    """A kill from outside, at whatever point step 2 has reached 3 s after it started.
+
+    It starts from a copy of the shared run with M_2 damaged: the run verifies step 1, removes
+    step 2 and starts it again from nothing (the state a first run is in when step 1 is done), so
+    step 1 is not trained again here."""
     out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    _damage_m2(out)
+    recipe = fixture_recipe(tmp_path, data_dir, two_step_run.parent / "eval.jsonl")  # the shared run's recipe
     proc = subprocess.Popen(
         [sys.executable, "-m", "lora_sdpo", "run", str(recipe), "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(),
@@ -98,8 +111,8 @@ def test_killed_at_a_random_moment_in_step_2(tmp_path, data_dir, two_step_run):
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
-            m = out / "manifest.json"
-            if m.exists() and json.loads(m.read_text())["steps"][1].get("status") == "running":
+            m = json.loads((out / "manifest.json").read_text())["steps"][1]
+            if m.get("status") == "running":
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the run finished before it could be interrupted"
@@ -119,10 +132,7 @@ def test_killed_at_a_random_moment_in_step_2(tmp_path, data_dir, two_step_run):
 def test_a_damaged_finished_step_is_redone(tmp_path, data_dir, two_step_run):
     out = tmp_path / "run"
     shutil.copytree(two_step_run, out)
-    f = out / "step-2/model/model.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-100] ^= 0xFF  # one flipped byte in M_2
-    f.write_bytes(bytes(data))
+    _damage_m2(out)
     proc = cli("run", str(fixture_recipe(tmp_path, data_dir, two_step_run.parent / "eval.jsonl")), "--output", str(out))
     assert "step 1/2: done earlier, skipped (files verified" in proc.stdout
     assert "step-2/model/model.safetensors does not match the manifest's sha256" in proc.stdout

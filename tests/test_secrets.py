@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from conftest import CLI_OUTPUTS, FAKE_TOKEN, cli
+from conftest import CLI_OUTPUTS, FAKE_TOKEN, cli, cli_here
 
 
 def test_no_output_or_file_holds_the_token(two_step_run, tmp_path_factory, tmp_path):
     recipe = two_step_run.parent / "recipe.toml"
-    cli("plan", str(recipe))
-    cli("report", str(two_step_run))
+    cli_here("plan", str(recipe))
+    cli_here("report", str(two_step_run))
     cli("export", str(two_step_run), "--what", "adapter", "--output", str(tmp_path / "adapter"))
     cli("merge", str(two_step_run / "step-1" / "model"), str(two_step_run / "step-2" / "adapter"), "--output", str(tmp_path / "merged"))
     assert len(CLI_OUTPUTS) >= 8  # this test's commands and the session's run, at least

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT, cli
+from conftest import ROOT, cli_here
 from lora_sdpo.data import PairSet
 from lora_sdpo.recipe import RecipeError, load_recipe
 from lora_sdpo.splits import apply_split, composition
@@ -69,6 +69,6 @@ def test_plan_shows_stratified_steps(tmp_path):
     base = (ROOT / "recipes" / "quickstart.toml").read_text().replace("../", str(ROOT) + "/")
     p = tmp_path / "r.toml"
     p.write_text(base.replace('split = "natural"', 'split = "stratified"\nfractions = [0.25, 0.75]'))
-    out = cli("plan", str(p)).stdout
+    out = cli_here("plan", str(p)).stdout
     assert "split: stratified, fractions [0.25, 0.75]" in out
     assert "from " + str(ROOT / "data" / "orca_dpo_pairs" / "validation.jsonl") in out
