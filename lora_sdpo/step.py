@@ -488,6 +488,7 @@ def _train(ctx, index, pairs, target_dir, prev_dir, timings, matrix, retention_p
     )
     tally.model = trainer.model.get_base_model()
     distributed.check_trainer(trainer, cfg.distributed)  # no silent fallback to one process or to DDP
+    distributed.compute_as_ddp(trainer)  # FSDP2: the training forward in the reference pass's dtypes
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # used instead when logging is quiet
     # TRL has patched its fused LM head into both; lora-sdpo's own gamma passes reuse it.

@@ -252,6 +252,21 @@ def test_fsdp2_on_cpu_processes_shards_nf4_and_trains_as_ddp(fsdp_run, distribut
     assert max(abs(a - b) for a, b in zip(_losses(fsdp_run), _losses(distributed_run["out"]))) < 1e-6
 
 
+def test_fsdp2_in_bf16_starts_at_ln2(tmp_path, data_dir):
+    """bf16 (the default precision) under FSDP2: the training forward computes in the reference
+    pass's dtypes (autocast, no weight casts; distributed.compute_as_ddp), so the first loss is
+    ln 2 as under DDP. With accelerate's default bf16 policy (every gathered weight cast) it was
+    0.7005 on this recipe."""
+    recipe = write_recipe(tmp_path, data_dir, steps=("orca.jsonl",), extra=FSDP)
+    out = tmp_path / "run"
+    cli("run", str(recipe), "--output", str(out), "--set", "steps.0.sources.0.limit=8", "--set", "diagnostics.gamma_matrix=false",
+        "--set", "diagnostics.samples=0", "--set", "adapter.compute_dtype=bfloat16", "--set", "training.precision=bf16",
+        "--num-processes", "2")
+    step = json.loads((out / "manifest.json").read_text())["steps"][0]
+    assert step["processes"]["strategy"] == "fsdp"
+    assert abs(step["first_loss"] - math.log(2)) < 1e-6, step["first_loss"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Several machines: two launches of one process each on 127.0.0.1
 
