@@ -303,13 +303,12 @@ def trainer_args(cfg) -> dict:
 def quant_storage(cfg, adapter) -> str | None:
     """bnb's 4-bit storage dtype under FSDP, else bnb's default uint8 (the NF4 numbers are the same).
 
-    FSDP shards floating-point tensors only, and with mixed precision (training.precision =
-    "bf16") FSDP2 casts every weight it gathers to bfloat16, the packed 4-bit words included: stored
-    in any other float dtype, their bits would be rounded away. So the storage is the dtype FSDP
-    computes in: bfloat16 under bf16 autocast, else the compute dtype (`cfg`: the step's recipe).
+    FSDP shards floating-point tensors only, so under FSDP the packed 4-bit words are stored in the
+    compute dtype (`cfg`: the step's recipe). FSDP2 must then never cast them (a cast would round
+    their bits away): `compute_as_ddp` clears the casts of accelerate's mixed-precision policy.
     """
     if world().active and cfg.distributed.strategy == "fsdp" and adapter.quantization == "nf4":
-        return "bfloat16" if cfg.training.precision == "bf16" else adapter.compute_dtype
+        return adapter.compute_dtype
     return None
 
 
