@@ -66,15 +66,17 @@ def tokenizer():
     return tok
 
 
-def recipe_for(folder: Path, arm: str):
+def recipe_for(folder: Path, arm: str, tiny: bool | None = None):
     from lora_sdpo.recipe import load_recipe
 
-    tiny = ["training.max_length=128", "training.per_device_train_batch_size=2"] if (folder.parent / "TINY").exists() else []
+    if tiny is None:
+        tiny = (folder.parent / "TINY").exists()
+    tiny = ["training.max_length=128", "training.per_device_train_batch_size=2"] if tiny else []
     return load_recipe(ROOT / "recipes" / "two_step.toml",
                        [f"model.path={folder}", *OVERRIDES, *tiny, f"training.prefix_sharing={str(arm == 'pairs').lower()}"])
 
 
-def child(folder: Path, arm: str) -> dict:
+def child(folder: Path, arm: str, ragged: bool = False) -> dict:
     import datasets
     import torch
     from trl.kernels import ChunkedLogProbFunction
@@ -93,6 +95,8 @@ def child(folder: Path, arm: str) -> dict:
     text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
     b = t.per_device_train_batch_size
     rows = [{"prompt": text(t.max_length // 4), "chosen": text(t.max_length), "rejected": text(t.max_length)} for _ in range(b)]
+    if ragged:  # the last rejected answer ends early: TRL's rows are padded, so its forward gets an attention mask
+        rows[-1]["rejected"] = text(t.max_length // 4)
     out: dict = {"arm": arm}
 
     r0 = status("VmRSS")
@@ -107,7 +111,7 @@ def child(folder: Path, arm: str) -> dict:
                                       peft_config=lora_config(recipe.adapter), prefix_sharing=arm == "pairs")
         out["reference_pass_peak"] = status("VmHWM") - r0
         lens = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset]
-        assert min(lens) >= t.max_length, lens
+        assert min(lens) >= t.max_length, lens  # the widest row of each pair fills max_length
         r0 = status("VmRSS")
         reset_peak()
         trainer.train()
@@ -183,67 +187,33 @@ def child(folder: Path, arm: str) -> dict:
     return out
 
 
-def planner(folder: Path, arm: str) -> dict:
+def planner(tiny: bool, arm: str, tokens: int | None = None) -> dict:
     from lora_sdpo.plan import layer_activation_bytes, memory_estimate
 
-    recipe = recipe_for(folder, arm)
-    config = json.loads((folder / "config.json").read_text())
+    config = SHAPES | TINY if tiny else SHAPES
+    recipe = recipe_for(PICO, arm, tiny)  # any model folder: the terms come from SHAPES
     t, a = recipe.recipe.training, recipe.adapter
     act = 2 if t.precision == "bf16" else (2 if a.compute_dtype == "bfloat16" else 4)
-    parts = memory_estimate(config, a, t, device="cpu")
-    return {"parts": parts, "layer_per_token": layer_activation_bytes(config, a, act),
-            "outside_per_token": config["hidden_size"] * (3 * act + 2 * 4), "tokens": t.per_device_train_batch_size * 2 * t.max_length,
-            "h": config["hidden_size"], "act": act}
+    parts = memory_estimate(config, a, t, device="cpu", tokens=tokens)
+    return {"parts": parts, "layer_per_token": layer_activation_bytes(config, a, act, pair_forward=arm == "pairs"),
+            "outside_per_token": config["hidden_size"] * (act + 4), "tokens": t.per_device_train_batch_size * 2 * t.max_length}
 
 
-def main() -> None:
-    from memwatch import GB, default_cap, run_capped
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", default="pairs,trl")
-    ap.add_argument("--cap-gb", type=float, help="kill an arm whose RSS passes this (default: available memory less 2 GB)")
-    ap.add_argument("--tiny", action="store_true", help="a smoke test: hidden 256, max_length 128, batch 2")
-    ap.add_argument("--json")
-    ap.add_argument("--build", help=argparse.SUPPRESS)
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.build:
-        build(Path(args.build), args.tiny)
-        return
-    if args.child:
-        folder, arm, out = args.child
-        Path(out).write_text(json.dumps(child(Path(folder), arm)))
-        return
-
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    cap = int(args.cap_gb * GB) if args.cap_gb else default_cap()
-    work = Path(tempfile.mkdtemp(prefix="sdpo-mem7b-"))
-    folder = work / "mistral-2l"
-    if args.tiny:
-        (work / "TINY").touch()
-    r = run_capped([sys.executable, __file__, "--build", str(folder), *(["--tiny"] if args.tiny else [])], cap, env=env, cwd=ROOT)
-    if r.returncode != 0:
-        sys.exit(f"building the model failed{' (out of memory)' if r.out_of_memory else ''}:\n{r.stderr[-3000:]}")
-    results = {}
-    for arm in args.arms.split(","):
-        res = work / f"{arm}.json"
-        r = run_capped([sys.executable, __file__, "--child", str(folder), arm, str(res)], cap, env=env, cwd=ROOT)
-        if r.out_of_memory:
-            print(f"{arm}: OUT OF MEMORY: killed at {r.max_rss / MB:,.0f} MB RSS (cap {cap / MB:,.0f} MB)")
-            results[arm] = {"oom_at": r.max_rss}
+def report(results: dict, tiny: bool) -> None:
+    """Each arm's measured figures next to the planner's terms (the planner of this checkout)."""
+    for arm, res in results.items():
+        if "oom_at" in res:
+            print(f"{arm}: OUT OF MEMORY: killed at {res['oom_at'] / MB:,.0f} MB RSS")
             continue
-        if r.returncode != 0:
-            sys.exit(f"{arm}: the child failed:\n{r.stderr[-4000:]}")
-        m = json.loads(res.read_text())
-        p = planner(folder, arm)
-        m["process_peak_rss"] = r.max_rss
-        results[arm] = {"measured": m, "planner": {k: v for k, v in p.items() if k != "parts"} | {"parts": p["parts"]}}
+        m = res["measured"]
         tokens = m["backbone_tokens"]
+        p = planner(tiny, arm, tokens)
         parts = p["parts"]
         train_terms = sum(v for k, v in parts.items() if k != "base weights")
         act_term = next(v for k, v in parts.items() if k.startswith("activations"))
         print(f"\n{arm} ({'pair forward' if arm == 'pairs' else 'TRL two-row forward'}): {tokens} backbone tokens "
-              f"({m['two_row_tokens']} two-row, {m['scored_tokens']} scored); planner assumes {p['tokens']} (batch x 2 x max_length)")
+              f"({m['two_row_tokens']} two-row, {m['scored_tokens']} scored); the planner's terms below at these tokens "
+              f"(`plan` itself assumes {p['tokens']}, batch x 2 x max_length)")
         print("| term | measured | planner | planner / measured |\n|---|---|---|---|")
 
         def row(name, meas, est, unit=MB, label="MB"):
@@ -258,9 +228,60 @@ def main() -> None:
         row("trainer.train(), one step (checkpointing on): peak RSS above start", m["train_peak"], train_terms)
         print(f"(planner: activations {act_term / MB:,.0f} MB, LM head {parts['LM head tile'] / MB:,.0f} MB, LoRA states "
               f"{parts['LoRA weights, grads, optimizer states'] / MB:,.0f} MB, dequantised weight {parts['dequantised weight'] / MB:,.0f} MB; "
-              f"the arm's process peaked at {r.max_rss / MB:,.0f} MB RSS, its reference pass at {m['reference_pass_peak'] / MB:,.0f} MB above start)")
+              f"the arm's process peaked at {m.get('process_peak_rss', 0) / MB:,.0f} MB RSS, its reference pass at "
+              f"{m['reference_pass_peak'] / MB:,.0f} MB above start)")
+
+
+def main() -> None:
+    from memwatch import GB, default_cap, run_capped
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", default="pairs,trl")
+    ap.add_argument("--cap-gb", type=float, help="kill an arm whose RSS passes this (default: available memory less 2 GB)")
+    ap.add_argument("--tiny", action="store_true", help="a smoke test: hidden 256, max_length 128, batch 2")
+    ap.add_argument("--json")
+    ap.add_argument("--build", help=argparse.SUPPRESS)
+    ap.add_argument("--ragged", action="store_true", help="one rejected answer short, so that TRL's batch is padded (an attention mask)")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--from-json", help="print the tables of an earlier --json against this checkout's planner")
+    args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        report({k: v for k, v in saved.items() if k != "tiny"}, saved.get("tiny", False))
+        return
+    if args.build:
+        build(Path(args.build), args.tiny)
+        return
+    if args.child:
+        folder, arm, out = args.child
+        Path(out).write_text(json.dumps(child(Path(folder), arm, args.ragged)))
+        return
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    cap = int(args.cap_gb * GB) if args.cap_gb else default_cap()
+    work = Path(tempfile.mkdtemp(prefix="sdpo-mem7b-"))
+    folder = work / "mistral-2l"
+    if args.tiny:
+        (work / "TINY").touch()
+    r = run_capped([sys.executable, __file__, "--build", str(folder), *(["--tiny"] if args.tiny else [])], cap, env=env, cwd=ROOT)
+    if r.returncode != 0:
+        sys.exit(f"building the model failed{' (out of memory)' if r.out_of_memory else ''}:\n{r.stderr[-3000:]}")
+    results = {}
+    for arm in args.arms.split(","):
+        res = work / f"{arm}.json"
+        r = run_capped([sys.executable, __file__, "--child", str(folder), arm, str(res), *(["--ragged"] if args.ragged else [])], cap, env=env, cwd=ROOT)
+        if r.out_of_memory:
+            print(f"{arm}: OUT OF MEMORY: killed at {r.max_rss / MB:,.0f} MB RSS (cap {cap / MB:,.0f} MB)")
+            results[arm] = {"oom_at": r.max_rss}
+            continue
+        if r.returncode != 0:
+            sys.exit(f"{arm}: the child failed:\n{r.stderr[-4000:]}")
+        m = json.loads(res.read_text())
+        m["process_peak_rss"] = r.max_rss
+        results[arm] = {"measured": m}
+    report(results, args.tiny)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({**results, "tiny": args.tiny}, indent=1))
 
 
 if __name__ == "__main__":

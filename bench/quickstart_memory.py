@@ -53,6 +53,7 @@ class Sampler:
 
         self.status, self.interval = status, interval
         self.stack: list[str] = ["start"]
+        self.trim = None
         self.samples: list[tuple[float, int, str]] = []
         self.events: list[tuple[float, int, str, str]] = []  # (t, rss, "enter"/"exit", label)
         self.t0 = time.perf_counter()
@@ -81,6 +82,8 @@ class Sampler:
             try:
                 return fn(*a, **k)
             finally:
+                if self.trim is not None:
+                    self.trim(0)
                 self.mark("exit", self.label())
                 self.stack.pop()
 
@@ -94,6 +97,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--interval", type=float, default=0.05)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--trim-phases", action="store_true", help="an experiment: glibc malloc_trim(0) after every marked phase")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -102,6 +106,10 @@ def main() -> None:
     from lora_sdpo.samples import SampleLog
 
     s = Sampler(args.interval)
+    if args.trim_phases:
+        import ctypes
+
+        s.trim = ctypes.CDLL("libc.so.6").malloc_trim
     models: list[tuple[int, str, weakref.ref]] = []  # (step, what, model)
     alive_at_start: dict[int, list[str]] = {}
     current = {"step": 0}

@@ -89,22 +89,31 @@ def _shapes(config: dict) -> dict[str, int]:
         "q": heads * hd,
         "kv": kv * hd,
         "vocab": config["vocab_size"],
+        "hd": hd,
         "tied": bool(config.get("tie_word_embeddings")),
     }
 
 
-def layer_activation_bytes(config: dict, adapter: AdapterConfig, act_bytes: int) -> float:
+def layer_activation_bytes(config: dict, adapter: AdapterConfig, act_bytes: int, pair_forward: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer of a Llama/Mistral block under LoRA.
 
-    Kept for the backward: the q, k, v projections and their rotated q, k; the attention output
-    and the o_proj input; gate, up, SiLU(gate) and the down_proj input; each LoRA's r-wide
-    A output; and per RMSNorm a float32 copy of its input and of the normalised values (it
-    computes in float32) plus its output. Flash/memory-efficient attention keeps no seq x seq
-    matrix. Dropout is off (TRL's disable_dropout), so LoRA's dropout keeps nothing.
+    What the forward saves for the backward (counted with saved-tensor hooks at Mistral-7B's layer
+    shapes by bench/memory_7b.py; frozen weights and norm scales save nothing for themselves):
+    the rotated q and k and v (the attention kernel's inputs), the attention output and o_proj's
+    input (a contiguous copy); gate, up, SiLU(gate) and down_proj's input; each LoRA's r-wide A
+    output; RoPE's cos and sin; and per RMSNorm a float32 copy of its input (it computes in
+    float32) and its output (the next projections' input). Flash/memory-efficient attention keeps
+    no seq x seq matrix. Dropout is off (TRL's disable_dropout), so LoRA's dropout keeps nothing.
+    The pair forward also keeps the rejected tail's keys and values concatenated to the shared
+    prefix's (at most one more k and v per token); TRL's padded rows carry an attention mask, with
+    which transformers' SDPA call repeats k and v to every query head (grouped-query models) and
+    the repeated copies are kept instead.
     """
     s = _shapes(config)
-    elements = 4 * s["q"] + 3 * s["kv"] + 4 * s["i"] + len(adapter.target_modules) * adapter.r + 2 * s["h"]
-    return act_bytes * elements + 2 * 2 * s["h"] * 4
+    kv = 2 * s["kv"] if pair_forward else 2 * s["q"]  # k and v as the attention kernel saves them
+    extra = 2 * s["kv"] if pair_forward else 0  # the rejected tail's concatenated k and v
+    elements = 3 * s["q"] + kv + extra + 4 * s["i"] + len(adapter.target_modules) * adapter.r + 2 * s["h"] + 2 * s["hd"]
+    return act_bytes * elements + 2 * s["h"] * 4
 
 
 def lora_bytes_per_parameter(adapter, optim: str) -> int:
@@ -132,6 +141,7 @@ def memory_estimate(
     gradient_checkpointing: bool | None = None,
     processes: int = 1,
     distributed=None,
+    tokens: int | None = None,
 ) -> dict[str, float]:
     """Peak memory of a training step in bytes, by part: an estimate from the shapes, not a measurement.
 
@@ -144,7 +154,8 @@ def memory_estimate(
     process's peak. Under ddp every process holds the whole model; under fsdp (`distributed`, the
     recipe's section) the base weights and the LoRA states are split N ways, plus one decoder layer
     gathered whole at a time (with CPU offload only that layer and the LoRA weights in use stay on
-    the GPU).
+    the GPU). `tokens` replaces the tokens of one micro-batch through the backbone (default: batch
+    x 2 x max_length, every sequence full) to compare with a measured step.
     """
     s = _shapes(config)
     h, layers = s["h"], s["layers"]
@@ -155,10 +166,12 @@ def memory_estimate(
     other = s["vocab"] * h * (1 if s["tied"] else 2) + (2 * layers + 1) * h  # embeddings, LM head, norms
     per_weight = NF4_BYTES[adapter.double_quant] if adapter.quantization == "nf4" else compute
     batch, _ = split_batch(training.per_device_train_batch_size, training.gradient_accumulation_steps, processes)
-    tokens = batch * 2 * training.max_length  # chosen and rejected, full length
-    per_layer = layer_activation_bytes(config, adapter, act)
-    # Outside the layers: embeddings' output, the final norm (float32 inside), the hidden states the head keeps.
-    outside = tokens * h * (3 * act + 2 * 4)
+    if tokens is None:
+        tokens = batch * 2 * training.max_length  # chosen and rejected, full length
+    per_layer = layer_activation_bytes(config, adapter, act, pair_forward=training.prefix_sharing)
+    # Outside the layers: the final norm's float32 input and the hidden states the head keeps (the
+    # frozen embedding keeps only the token ids).
+    outside = tokens * h * (act + 4)
     if gc:  # each layer's input is kept; one layer's activations exist again while it is recomputed
         acts = tokens * (layers * h * act + per_layer) + outside
     else:
