@@ -69,8 +69,10 @@ NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 # TRL's fused LM head projects [4096 tokens, 32768 vocabulary] tiles (trl.kernels.chunked_logprob).
 HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
 # Its CPU fallback (torch ops on the whole tile, no Triton) holds about this many fp32 copies of a
-# tile at once in the backward (bench/logprobs.py: 2357 MB at a 2048 x 32064 tile of 250 MB).
-CPU_HEAD_TILE_COPIES = 9.5
+# tile at once in the backward: 9.4 alone (bench/logprobs.py: 2357 MB at a 2048 x 32064 tile of
+# 250 MB), 7.8 at a 4096 x 32000 tile in a bf16 step (bench/memory_7b.py), 8.2-8.5 in the float32
+# steps of bench/plan_check.py.
+CPU_HEAD_TILE_COPIES = 8.5
 CUDA_CONTEXT = 0.6 * GIB  # CUDA context and cuBLAS workspace, before any tensor
 ALLOCATOR_SLACK = 0.10  # the caching allocator's fragmentation, on the memory that comes and goes
 GPU_SIZES_GB = (24, 40, 80)
@@ -99,20 +101,23 @@ def layer_activation_bytes(config: dict, adapter: AdapterConfig, act_bytes: int,
 
     What the forward saves for the backward (counted with saved-tensor hooks at Mistral-7B's layer
     shapes by bench/memory_7b.py; frozen weights and norm scales save nothing for themselves):
-    the rotated q and k and v (the attention kernel's inputs), the attention output and o_proj's
-    input (a contiguous copy); gate, up, SiLU(gate) and down_proj's input; each LoRA's r-wide A
-    output; RoPE's cos and sin; and per RMSNorm a float32 copy of its input (it computes in
-    float32) and its output (the next projections' input). Flash/memory-efficient attention keeps
-    no seq x seq matrix. Dropout is off (TRL's disable_dropout), so LoRA's dropout keeps nothing.
-    The pair forward also keeps the rejected tail's keys and values concatenated to the shared
-    prefix's (at most one more k and v per token); TRL's padded rows carry an attention mask, with
-    which transformers' SDPA call repeats k and v to every query head (grouped-query models) and
-    the repeated copies are kept instead.
+    the rotated q and k and v (the attention kernel's inputs) and the attention output (o_proj's
+    input is a view of it in TRL's layout; the pair forward concatenates its segments' outputs
+    into a copy); gate, up, SiLU(gate) and down_proj's input; each LoRA's r-wide A output; RoPE's
+    cos and sin; and per RMSNorm a float32 copy of its input (it computes in float32) and its
+    output (the next projections' input). Flash/memory-efficient attention keeps no seq x seq
+    matrix. Dropout is off (TRL's disable_dropout), so LoRA's dropout keeps nothing. The pair
+    forward also keeps the rejected tail's keys and values concatenated to the shared prefix's (at
+    most one more k and v per token); TRL's padded rows carry an attention mask, with which
+    transformers' SDPA call repeats k and v to every query head (grouped-query models), and the
+    repeated copies are what is kept.
     """
     s = _shapes(config)
-    kv = 2 * s["kv"] if pair_forward else 2 * s["q"]  # k and v as the attention kernel saves them
-    extra = 2 * s["kv"] if pair_forward else 0  # the rejected tail's concatenated k and v
-    elements = 3 * s["q"] + kv + extra + 4 * s["i"] + len(adapter.target_modules) * adapter.r + 2 * s["h"] + 2 * s["hd"]
+    if pair_forward:  # q, the per-segment outputs and their concatenation (o_proj's input); k, v and the rejected tail's concatenated k, v
+        attention = 3 * s["q"] + 4 * s["kv"]
+    else:  # q and SDPA's output (o_proj's input is a view of it); k and v repeated to every query head
+        attention = 4 * s["q"]
+    elements = attention + 4 * s["i"] + len(adapter.target_modules) * adapter.r + 2 * s["h"] + 2 * s["hd"]
     return act_bytes * elements + 2 * s["h"] * 4
 
 
