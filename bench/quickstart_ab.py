@@ -10,7 +10,8 @@ runs' logged losses at the same optimizer step, and the manifest's token account
 
 With `--against DIR` the two arms are this checkout and another one (its own .venv and
 recipes/quickstart.toml), both with the recipe as it is: a before/after comparison of a change
-(the ratio printed is this checkout's over DIR's).
+(the ratio printed is this checkout's over DIR's). `--env KEY=VALUE` sets a variable for this
+checkout's arm only, so `--against . --env ...` prices an environment setting on the same code.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _seconds(text: str) -> float:
     return sum(p * 60**i for i, p in enumerate(reversed(parts)))
 
 
-def run(sharing: bool, out: Path, tree: Path | None = None) -> dict:
+def run(sharing: bool, out: Path, tree: Path | None = None, extra_env: dict | None = None) -> dict:
     """One quickstart run: with prefix_sharing on/off in this checkout, or (tree given) as is in that
     checkout (sharing True) or in this one (False)."""
     if tree is None:
@@ -46,7 +47,8 @@ def run(sharing: bool, out: Path, tree: Path | None = None) -> dict:
     else:
         root, extra = (tree if sharing else ROOT), []
     cmd = ["/usr/bin/time", "-v", str(root / ".venv/bin/lora-sdpo"), "run", "recipes/quickstart.toml", "--output", str(out), *extra]
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    env = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", **((extra_env or {}) if not sharing or tree is None else {})}
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     r = {}
@@ -66,15 +68,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--against", type=Path, help="another checkout: compare this one with it instead of prefix_sharing on/off")
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for this checkout's arm (with --against) or both arms; repeatable")
     ap.add_argument("--json")
     args = ap.parse_args()
+    extra_env = dict(e.split("=", 1) for e in args.env)
     tree = args.against.resolve() if args.against else None
     name = {True: f"against {tree}", False: "this checkout"} if tree else {True: "prefix_sharing=true", False: "prefix_sharing=false"}
     res = {True: [], False: []}
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.rounds):
             for sharing in (True, False):
-                r = run(sharing, Path(d) / f"{sharing}-{i}", tree)
+                r = run(sharing, Path(d) / f"{sharing}-{i}", tree, extra_env)
                 res[sharing].append(r)
                 print(f"quickstart | {name[sharing]} round {i + 1} (load {r['loadavg']}) | wall {r['wall_s']:.0f}s, "
                       f"peak RSS {r['peak_rss_mb']:.0f} MB, user {r['user_s']:.0f}s, sys {r['sys_s']:.0f}s, "
