@@ -69,8 +69,10 @@ NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 # TRL's fused LM head projects [4096 tokens, 32768 vocabulary] tiles (trl.kernels.chunked_logprob).
 HEAD_TILE_TOKENS, HEAD_TILE_VOCAB = 4096, 32768
 # Its CPU fallback (torch ops on the whole tile, no Triton) holds about this many fp32 copies of a
-# tile at once in the backward (bench/logprobs.py: 2357 MB at a 2048 x 32064 tile of 250 MB).
-CPU_HEAD_TILE_COPIES = 9.5
+# tile at once in the backward: 9.4 alone (bench/logprobs.py: 2357 MB at a 2048 x 32064 tile of
+# 250 MB), 7.8 at a 4096 x 32000 tile in a bf16 step (bench/memory_7b.py), 8.2-8.5 in the float32
+# steps of bench/plan_check.py.
+CPU_HEAD_TILE_COPIES = 8.5
 CUDA_CONTEXT = 0.6 * GIB  # CUDA context and cuBLAS workspace, before any tensor
 ALLOCATOR_SLACK = 0.10  # the caching allocator's fragmentation, on the memory that comes and goes
 GPU_SIZES_GB = (24, 40, 80)
@@ -89,22 +91,34 @@ def _shapes(config: dict) -> dict[str, int]:
         "q": heads * hd,
         "kv": kv * hd,
         "vocab": config["vocab_size"],
+        "hd": hd,
         "tied": bool(config.get("tie_word_embeddings")),
     }
 
 
-def layer_activation_bytes(config: dict, adapter: AdapterConfig, act_bytes: int) -> float:
+def layer_activation_bytes(config: dict, adapter: AdapterConfig, act_bytes: int, pair_forward: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer of a Llama/Mistral block under LoRA.
 
-    Kept for the backward: the q, k, v projections and their rotated q, k; the attention output
-    and the o_proj input; gate, up, SiLU(gate) and the down_proj input; each LoRA's r-wide
-    A output; and per RMSNorm a float32 copy of its input and of the normalised values (it
-    computes in float32) plus its output. Flash/memory-efficient attention keeps no seq x seq
-    matrix. Dropout is off (TRL's disable_dropout), so LoRA's dropout keeps nothing.
+    What the forward saves for the backward (counted with saved-tensor hooks at Mistral-7B's layer
+    shapes by bench/memory_7b.py; frozen weights and norm scales save nothing for themselves):
+    the rotated q and k and v (the attention kernel's inputs) and the attention output (o_proj's
+    input is a view of it in TRL's layout; the pair forward concatenates its segments' outputs
+    into a copy); gate, up, SiLU(gate) and down_proj's input; each LoRA's r-wide A output; RoPE's
+    cos and sin; and per RMSNorm a float32 copy of its input (it computes in float32) and its
+    output (the next projections' input). Flash/memory-efficient attention keeps no seq x seq
+    matrix. Dropout is off (TRL's disable_dropout), so LoRA's dropout keeps nothing. The pair
+    forward also keeps the rejected tail's keys and values concatenated to the shared prefix's (at
+    most one more k and v per token); TRL's padded rows carry an attention mask, with which
+    transformers' SDPA call repeats k and v to every query head (grouped-query models), and the
+    repeated copies are what is kept.
     """
     s = _shapes(config)
-    elements = 4 * s["q"] + 3 * s["kv"] + 4 * s["i"] + len(adapter.target_modules) * adapter.r + 2 * s["h"]
-    return act_bytes * elements + 2 * 2 * s["h"] * 4
+    if pair_forward:  # q, the per-segment outputs and their concatenation (o_proj's input); k, v and the rejected tail's concatenated k, v
+        attention = 3 * s["q"] + 4 * s["kv"]
+    else:  # q and SDPA's output (o_proj's input is a view of it); k and v repeated to every query head
+        attention = 4 * s["q"]
+    elements = attention + 4 * s["i"] + len(adapter.target_modules) * adapter.r + 2 * s["h"] + 2 * s["hd"]
+    return act_bytes * elements + 2 * s["h"] * 4
 
 
 def lora_bytes_per_parameter(adapter, optim: str) -> int:
@@ -132,6 +146,7 @@ def memory_estimate(
     gradient_checkpointing: bool | None = None,
     processes: int = 1,
     distributed=None,
+    tokens: int | None = None,
 ) -> dict[str, float]:
     """Peak memory of a training step in bytes, by part: an estimate from the shapes, not a measurement.
 
@@ -144,7 +159,8 @@ def memory_estimate(
     process's peak. Under ddp every process holds the whole model; under fsdp (`distributed`, the
     recipe's section) the base weights and the LoRA states are split N ways, plus one decoder layer
     gathered whole at a time (with CPU offload only that layer and the LoRA weights in use stay on
-    the GPU).
+    the GPU). `tokens` replaces the tokens of one micro-batch through the backbone (default: batch
+    x 2 x max_length, every sequence full) to compare with a measured step.
     """
     s = _shapes(config)
     h, layers = s["h"], s["layers"]
@@ -155,10 +171,12 @@ def memory_estimate(
     other = s["vocab"] * h * (1 if s["tied"] else 2) + (2 * layers + 1) * h  # embeddings, LM head, norms
     per_weight = NF4_BYTES[adapter.double_quant] if adapter.quantization == "nf4" else compute
     batch, _ = split_batch(training.per_device_train_batch_size, training.gradient_accumulation_steps, processes)
-    tokens = batch * 2 * training.max_length  # chosen and rejected, full length
-    per_layer = layer_activation_bytes(config, adapter, act)
-    # Outside the layers: embeddings' output, the final norm (float32 inside), the hidden states the head keeps.
-    outside = tokens * h * (3 * act + 2 * 4)
+    if tokens is None:
+        tokens = batch * 2 * training.max_length  # chosen and rejected, full length
+    per_layer = layer_activation_bytes(config, adapter, act, pair_forward=training.prefix_sharing)
+    # Outside the layers: the final norm's float32 input and the hidden states the head keeps (the
+    # frozen embedding keeps only the token ids).
+    outside = tokens * h * (act + 4)
     if gc:  # each layer's input is kept; one layer's activations exist again while it is recomputed
         acts = tokens * (layers * h * act + per_layer) + outside
     else:
