@@ -84,7 +84,7 @@ def child(folder: Path, arm: str, ragged: bool = False) -> dict:
 
     from lora_sdpo import pairs
     from lora_sdpo.model import load_base, lora_config
-    from lora_sdpo.step import ResumableDPOTrainer, dpo_config
+    from lora_sdpo.trainer import ResumableDPOTrainer, dpo_config
     from memwatch import reset_peak, status
 
     recipe = recipe_for(folder, arm)

@@ -64,7 +64,7 @@ def child(model: str, batch: int, max_length: int, gc: bool) -> dict:
 
     from lora_sdpo.model import load_base, load_tokenizer, lora_config
     from lora_sdpo.recipe import load_recipe
-    from lora_sdpo.step import dpo_config
+    from lora_sdpo.trainer import dpo_config
     from trl import DPOTrainer
 
     recipe = load_recipe(

@@ -40,3 +40,7 @@ class PushError(UserError):
 
 class GGUFError(RunError):
     """A model the GGUF export cannot write exactly."""
+
+
+class TrainingDiverged(RunError):
+    """The loss became NaN or inf; the message names the step and optimizer step."""

@@ -16,13 +16,11 @@ import contextlib
 import json
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import manifest
 from .errors import RunError
 
 TMP_MARK = ".tmp-"
@@ -153,14 +151,6 @@ class RunDir:
 
     def rel(self, p: Path) -> str:
         return str(Path(p).relative_to(self.root))
-
-    def read_manifest(self) -> dict | None:
-        """The manifest (None when there is none), checked against manifest.py's records."""
-        return manifest.read(self.manifest_path)
-
-    def write_manifest(self, manifest: dict) -> None:
-        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        atomic_write_json(self.manifest_path, manifest)
 
 
 # ----------------------------------------------------------------------------- integrity

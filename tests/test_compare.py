@@ -9,7 +9,7 @@ import pytest
 from conftest import cli, write_jsonl, short_rows, ULTRA, write_recipe
 from lora_sdpo.compare import arm_recipe
 from lora_sdpo.recipe import RecipeError, load_recipe
-from lora_sdpo.step import dpo_config
+from lora_sdpo.trainer import dpo_config
 
 
 def _recipe(tmp_path, data_dir):

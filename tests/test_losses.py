@@ -4,7 +4,7 @@
 The expected values are worked out here from each loss's formula (TRL 1.16, DPOTrainer._compute_loss)
 at zero log-ratios; the two that depend on the model (sft, WPO weights) are computed from full logits
 of the NF4 base, independently of lora-sdpo and of TRL's fused head. Each case builds its trainer from
-lora-sdpo's own step configuration (step.dpo_config) and takes one optimizer update on 4 short pairs.
+lora-sdpo's own step configuration (trainer.dpo_config) and takes one optimizer update on 4 short pairs.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ CASES = [
 def test_first_loss_is_the_zero_margin_value(losses_setup, overrides, expected, tmp_path):
     from lora_sdpo.model import load_base, lora_config
     from lora_sdpo.recipe import load_recipe
-    from lora_sdpo.step import ResumableDPOTrainer, dpo_config
+    from lora_sdpo.trainer import ResumableDPOTrainer, dpo_config
 
     s = losses_setup
     recipe = load_recipe(s.recipe, ["run.checkpoint_every=0", *overrides])

@@ -149,7 +149,7 @@ def test_schema_reference_names_every_field():
 
 
 def test_group_by_length_reaches_trl(tmp_path):
-    from lora_sdpo.step import dpo_config
+    from lora_sdpo.trainer import dpo_config
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.toml", ["training.group_by_length=true"])
     args = dpo_config(recipe, tmp_path)
