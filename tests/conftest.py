@@ -30,18 +30,13 @@ MODEL = ROOT / "models" / "pico-llama-phi3"
 ORCA = ROOT / "data" / "orca_dpo_pairs" / "validation.jsonl"
 ULTRA = ROOT / "data" / "ultrafeedback" / "train_clean.jsonl"
 
-# Small enough for the CPU: short real pairs, 3 optimizer updates per step, float32 compute so
-# that the invariants can be checked to 1e-4 and better.
-TEST_RECIPE = """
-adapter = "cpu-qlora-r16"
-
+# The tests' one recipe template (recipe_toml). Small enough for the CPU: short real pairs, 3
+# optimizer updates per step, float32 compute so that the invariants can be checked to 1e-4 and better.
+TEST_SETTINGS = """
 [run]
 name = "test"
 seed = 7
 checkpoint_every = 1
-
-[model]
-path = "{model}"
 
 [training]
 beta = 0.1
@@ -62,11 +57,22 @@ sample_size = 8
 [diagnostics]
 gamma_sample = 4
 """
-STEP = """
-[[steps]]
-[[steps.sources]]
-path = "{path}"
+# For recipes that are refused before training: the tests' length and precision, the rest defaults.
+SHORT_SETTINGS = """
+[training]
+max_length = 128
+precision = "fp32"
 """
+
+
+def recipe_toml(*sources, model=MODEL, adapter: str | None = "cpu-qlora-r16", settings: str = TEST_SETTINGS,
+                extra: str = "", last_source: str = "") -> str:
+    """The tests' recipe: `adapter` (a preset; None: the default), the model, `settings` (tables),
+    `extra` (TOML after them, before the steps: keys of the last settings table, or whole tables),
+    then one step per source file; `last_source` is TOML for the last source's table (e.g. columns)."""
+    head = f'adapter = "{adapter}"\n' if adapter else ""
+    steps = "".join(f'\n[[steps]]\n[[steps.sources]]\npath = "{src}"\n' for src in sources)
+    return f'{head}\n[model]\npath = "{model}"\n{settings}{extra}{steps}{last_source and last_source + chr(10)}'
 
 
 def short_rows(path: Path, n: int, max_prompt_tokens: int = 64) -> list[dict]:
@@ -128,7 +134,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def write_recipe(folder: Path, data_dir: Path, steps=("orca.jsonl", "ultra.jsonl"), extra: str = "") -> Path:
     """A recipe over the shipped model; `extra` is TOML placed before the steps (tables or keys)."""
-    text = TEST_RECIPE.format(model=MODEL) + extra + "".join(STEP.format(path=data_dir / s) for s in steps)
+    text = recipe_toml(*(data_dir / s for s in steps), extra=extra)
     path = folder / "recipe.toml"
     path.write_text(text)
     return path

@@ -8,26 +8,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import MODEL, write_jsonl
+from conftest import SHORT_SETTINGS, recipe_toml, write_jsonl
 from lora_sdpo.audit import audit, pair_keys
 from lora_sdpo.cli import main
 from lora_sdpo.data import normalise
 
-RECIPE = """
-adapter = "cpu-qlora-r16"
-[model]
-path = "{model}"
-[training]
-max_length = 128
-precision = "fp32"
-{extra}
-[[steps]]
-[[steps.sources]]
-path = "{d1}"
-[[steps]]
-[[steps.sources]]
-path = "{d2}"
-"""
 
 
 def orca(i: int) -> dict:
@@ -49,7 +34,7 @@ def recipe(tmp_path, d1_rows, d2_rows, eval_rows=None, extra=""):
         ev = write_jsonl(tmp_path / "ev.jsonl", eval_rows)
         extra += f'\n[[data.eval]]\npath = "{ev}"\n'
     path = tmp_path / "r.toml"
-    path.write_text(RECIPE.format(model=MODEL, d1=d1, d2=d2, extra=extra))
+    path.write_text(recipe_toml(d1, d2, settings=SHORT_SETTINGS, extra=extra))
     return path
 
 

@@ -10,21 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import MODEL, write_jsonl
+from conftest import MODEL, SHORT_SETTINGS, recipe_toml, write_jsonl
 from lora_sdpo.cli import main
 
-GOOD_RECIPE = """
-adapter = "cpu-qlora-r16"
-[model]
-path = "{model}"
-[training]
-max_length = 128
-precision = "fp32"
-{extra}
-[[steps]]
-[[steps.sources]]
-path = "{data}"
-"""
+def good_recipe(data, model=MODEL, extra="", **kw) -> str:
+    """conftest's recipe over one source, with the tests' length and precision and default settings."""
+    return recipe_toml(data, model=model, settings=SHORT_SETTINGS, extra=extra, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +46,7 @@ def run_with(tmp_path: Path, rows=None, extra: str = "", data_text: str | None =
     elif rows is not None:
         write_jsonl(data, rows)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(recipe_text or GOOD_RECIPE.format(model=MODEL, data=data, extra=extra))
+    recipe.write_text(recipe_text or good_recipe(data, extra=extra))
     out = tmp_path / "out"
     return invoke(["run", str(recipe), "--output", str(out)]), data, out
 
@@ -76,15 +67,13 @@ RECIPE_CASES = {
 def test_bad_recipe_keys(tmp_path, good_rows, case):
     extra, needles = RECIPE_CASES[case]
     # extra tables go after the [training] table of the template, so give them as whole tables
-    text = GOOD_RECIPE.replace("[training]\nmax_length = 128\nprecision = \"fp32\"\n", "").format(
-        model=MODEL, data=write_jsonl(tmp_path / "d.jsonl", good_rows), extra=extra
-    )
+    text = recipe_toml(write_jsonl(tmp_path / "d.jsonl", good_rows), settings="", extra=extra)
     result, _, out = run_with(tmp_path, recipe_text=text)
     assert_refused(result, str(tmp_path / "r.toml"), *needles, output=out)
 
 
 def test_trust_remote_code_needs_a_pinned_revision(tmp_path, good_rows):
-    text = GOOD_RECIPE.format(model=MODEL, data=write_jsonl(tmp_path / "d.jsonl", good_rows), extra="").replace(
+    text = good_recipe(write_jsonl(tmp_path / "d.jsonl", good_rows)).replace(
         "[model]\n", "[model]\ntrust_remote_code = true\n"
     )
     result, _, out = run_with(tmp_path, recipe_text=text)
@@ -106,9 +95,7 @@ def test_step_without_sources(tmp_path):
 
 
 def test_missing_adapter_preset(tmp_path, good_rows):
-    text = 'adapter = "qlora-r99"\n' + GOOD_RECIPE.replace('adapter = "cpu-qlora-r16"\n', "").format(
-        model=MODEL, data=write_jsonl(tmp_path / "d.jsonl", good_rows), extra=""
-    )
+    text = good_recipe(write_jsonl(tmp_path / "d.jsonl", good_rows), adapter="qlora-r99")
     result, _, out = run_with(tmp_path, recipe_text=text)
     assert_refused(result, "no preset named 'qlora-r99'", "cpu-qlora-r16", output=out)
 
@@ -117,7 +104,7 @@ def test_output_inside_the_model_folder(tmp_path, good_rows):
     model = tmp_path / "model"
     shutil.copytree(MODEL, model)
     before = sorted(p.name for p in model.iterdir())
-    text = GOOD_RECIPE.format(model=model, data=write_jsonl(tmp_path / "d.jsonl", good_rows), extra="")
+    text = good_recipe(write_jsonl(tmp_path / "d.jsonl", good_rows), model=model)
     recipe = tmp_path / "r.toml"
     recipe.write_text(text)
     for out in (model, model / "run"):
@@ -127,7 +114,7 @@ def test_output_inside_the_model_folder(tmp_path, good_rows):
 
 def test_token_in_a_recipe_or_override_is_refused(tmp_path, good_rows):
     token = "hf_" + "A1b2C3d4" * 5
-    text = GOOD_RECIPE.format(model=MODEL, data=write_jsonl(tmp_path / "d.jsonl", good_rows), extra="").replace(
+    text = good_recipe(write_jsonl(tmp_path / "d.jsonl", good_rows)).replace(
         "[model]\n", f'[model]\nrevision = "{token}"\n'
     )
     result, _, out = run_with(tmp_path, recipe_text=text)
@@ -144,7 +131,7 @@ def test_pickle_weights_refused(tmp_path, good_rows):
         if not f.name.endswith(".safetensors"):
             shutil.copy(f, model / f.name)
     (model / "pytorch_model.bin").write_bytes(b"not loaded")
-    text = GOOD_RECIPE.format(model=model, data=write_jsonl(tmp_path / "d.jsonl", good_rows), extra="")
+    text = good_recipe(write_jsonl(tmp_path / "d.jsonl", good_rows), model=model)
     result, _, out = run_with(tmp_path, recipe_text=text)
     assert_refused(result, str(model), "no safetensors weights", "pytorch_model.bin", "pickle", output=out)
 
@@ -210,13 +197,13 @@ def test_unreadable_file(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_bytes(b'{"question": "\xff\xfe"}\n')
     recipe = tmp_path / "r.toml"
-    recipe.write_text(GOOD_RECIPE.format(model=MODEL, data=data, extra=""))
+    recipe.write_text(good_recipe(data))
     assert_refused(invoke(["run", str(recipe), "--output", str(tmp_path / "out")]), str(data), "not UTF-8", output=tmp_path / "out")
 
 
 def test_missing_data_file(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(GOOD_RECIPE.format(model=MODEL, data=tmp_path / "nope.jsonl", extra=""))
+    recipe.write_text(good_recipe(tmp_path / "nope.jsonl"))
     assert_refused(invoke(["run", str(recipe)]), "steps.0.sources.0.path", "nope.jsonl")
 
 
@@ -249,7 +236,7 @@ def test_duplicates_counted_dropped_and_warned(tmp_path, good_rows):
     rows = good_rows + [good_rows[0], good_rows[1], good_rows[0]]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(GOOD_RECIPE.format(model=MODEL, data=data, extra=""))
+    recipe.write_text(good_recipe(data))
     result = invoke(["plan", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "4 pairs used of 7 rows" in result.output and "3 exact duplicates dropped (rows 5, 6, 7)" in result.output

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import ORCA, ROOT, ULTRA, cli_here, write_jsonl
+from conftest import ORCA, ROOT, ULTRA, cli_here, recipe_toml, write_jsonl
 from lora_sdpo.data import DataError, load_pairs, normalise, read_file
 from lora_sdpo.recipe import SourceConfig, load_recipe
 
@@ -90,7 +90,7 @@ def test_bad_json_line_named_through_cli(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": oops}\n')
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'[model]\npath = "{ROOT / "models" / "pico-llama-phi3"}"\n[[steps]]\n[[steps.sources]]\npath = "{f}"\n')
+    recipe.write_text(recipe_toml(f, adapter=None, settings=""))
     proc = cli_here("plan", str(recipe), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{f}: line 2 is not valid JSON" in proc.stderr

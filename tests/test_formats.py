@@ -13,7 +13,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from conftest import MODEL, write_jsonl
+from conftest import recipe_toml, write_jsonl
 from lora_sdpo.cli import main
 from lora_sdpo.data import DataError, load_pairs, normalise
 from lora_sdpo.recipe import SourceConfig
@@ -364,8 +364,7 @@ def test_data_command_on_a_recipe_step(tmp_path):
     one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "Q1", "chosen": "a", "rejected": "b"}])
     two = write_jsonl(tmp_path / "two.jsonl", [{"q": "Q2", "w": "c", "l": "d"}])
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'[model]\npath = "{MODEL}"\n[[steps]]\n[[steps.sources]]\npath = "{one}"\n'
-                      f'[[steps]]\n[[steps.sources]]\npath = "{two}"\ncolumns = {{prompt = "q", chosen = "w", rejected = "l"}}\n')
+    recipe.write_text(recipe_toml(one, two, adapter=None, settings="", last_source='columns = {prompt = "q", chosen = "w", rejected = "l"}'))
     res = invoke("data", str(recipe), "--step", "2", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.splitlines()[-1]) == {"prompt": [u("Q2")], "chosen": [a("c")], "rejected": [a("d")], "source": str(two), "row": 1}
@@ -398,7 +397,7 @@ def test_source_keys_validated(tmp_path, extra, needle):
 
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'[model]\npath = "{MODEL}"\n[[steps]]\n[[steps.sources]]\npath = "{f}"\n{extra}\n')
+    recipe.write_text(recipe_toml(f, adapter=None, settings="", last_source=extra))
     with pytest.raises(RecipeError, match=re.escape(needle)):
         load_recipe(recipe)
 
@@ -408,7 +407,7 @@ def test_recipe_source_may_be_a_saved_folder(tmp_path):
 
     datasets.Dataset.from_list([{"prompt": "Q", "chosen": "a", "rejected": "b"}]).save_to_disk(str(tmp_path / "saved"))
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'[model]\npath = "{MODEL}"\n[[steps]]\n[[steps.sources]]\npath = "saved"\n')
+    recipe.write_text(recipe_toml("saved", adapter=None, settings=""))
     res = invoke("data", str(recipe), "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == {"prompt": [u("Q")], "chosen": [a("a")], "rejected": [a("b")], "source": "saved", "row": 1}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT, cli, cli_here
+from conftest import ROOT, ULTRA, cli, cli_here, recipe_toml
 from lora_sdpo.recipe import RecipeError, load_recipe, schema_reference
 
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
@@ -41,13 +41,7 @@ def _bad(tmp_path, text: str):
     return p
 
 
-MINIMAL = f"""
-[model]
-path = "{ROOT / 'models' / 'pico-llama-phi3'}"
-[[steps]]
-[[steps.sources]]
-path = "{ROOT / 'data' / 'ultrafeedback' / 'train_clean.jsonl'}"
-"""
+MINIMAL = recipe_toml(ULTRA, adapter=None, settings="")  # the defaults: no adapter key, no settings
 
 
 def _assert_one_clean_error(proc, *needles):
