@@ -121,7 +121,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     m.overlap = data.audit.to_dict()
     m.split = recipe.recipe.data.split
     m.dropped_overlong = data.overlong
-    ctx = _step_context(recipe, run, base_dir, tokenizer, data, m)
+    ctx = _step_context(recipe, run, base_dir, tokenizer=tokenizer, data=data, m=m)
     if not main:
         _follow(ctx, data.steps)
         return m
@@ -153,7 +153,7 @@ def _warn_about_data(data, log) -> None:
         log(f"warning: {w}")
 
 
-def _step_context(recipe: LoadedRecipe, run: RunDir, base_dir: Path, tokenizer, data, m: Manifest) -> StepContext:
+def _step_context(recipe: LoadedRecipe, run: RunDir, base_dir: Path, *, tokenizer, data, m: Manifest) -> StepContext:
     """What every step shares: the tokenised gamma samples of each D_t and the eval data, and the
     gamma matrix's rows as they go into the manifest."""
     k = recipe.recipe.diagnostics.gamma_sample
