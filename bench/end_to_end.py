@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lora_sdpo import manifest  # noqa: E402
 from lora_sdpo.data import load_step_pairs  # noqa: E402
 from lora_sdpo.recipe import load_recipe  # noqa: E402
 
@@ -76,9 +77,9 @@ def main() -> None:
         if who == "lora-sdpo":
             cmd = [py, "-m", "lora_sdpo", "run", "recipes/quickstart.toml", "--output", str(out)]
             wall, rss, _ = timed(cmd + [x for o in overrides for x in ("--set", o)])
-            steps = json.loads((out / "manifest.json").read_text())["steps"]
-            parts = {k: sum(s["timings"].get(k, 0) for s in steps) for k in PARTS + ("total",)}
-            parts["first_loss"] = [s["first_loss"] for s in steps]
+            steps = manifest.read(out).steps
+            parts = {k: sum(s.timings.get(k, 0) for s in steps) for k in PARTS + ("total",)}
+            parts["first_loss"] = [s.first_loss for s in steps]
         else:
             wall, rss, text = timed([py, "bench/hand_trl.py", "--data", *data, "--output", str(out), "--epochs", str(a.epochs)])
             parts = json.loads(text.strip().splitlines()[-1])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from lora_sdpo import manifest
 from lora_sdpo.data import tokenize_pair
 from lora_sdpo.diagnostics import gammas, paired_difference
 from lora_sdpo.fetch import local_model_dir
@@ -33,13 +34,15 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/quickstart.toml")
     args = ap.parse_args()
     rec = load_recipe(args.recipe)
-    manifest = json.loads((args.run / "manifest.json").read_text())
+    m = manifest.read(args.run)
+    if m is None:
+        raise SystemExit(f"{args.run}: no manifest.json; give a run directory (lora-sdpo run ... --output DIR)")
     base = local_model_dir(rec.model_location())
     tok = load_tokenizer(base)
     model = load_base(base, rec.adapter)
     out = {"run": str(args.run), "steps": {}}
-    for s in manifest["steps"][1:]:
-        t = s["index"]
+    for s in m.steps[1:]:
+        t = s.index
         rows = [json.loads(x) for x in (args.run / f"step-{t}" / "data" / "pairs.jsonl").read_text().splitlines()]
         ref = load_file(args.run / f"step-{t}" / "data" / "ref_logps.safetensors")
         g_ref = ref["chosen"] - ref["rejected"]

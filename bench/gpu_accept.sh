@@ -65,6 +65,7 @@ part quickstart "$B_S" python3 - "$WORK" "$OUT/quickstart.json" <<'PY'
 import json, sys, time
 from pathlib import Path
 import torch
+from lora_sdpo import manifest
 from lora_sdpo.cli import main
 
 work, out, results = Path(sys.argv[1]), Path(sys.argv[2]), {}
@@ -72,9 +73,9 @@ for name, extra in (("float32", []), ("bf16", ["--set", "adapter.compute_dtype=b
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     main(["run", "recipes/quickstart.toml", "--output", str(work / f"quickstart-{name}"), *extra], standalone_mode=False)
-    m = json.loads((work / f"quickstart-{name}" / "manifest.json").read_text())
-    results[name] = {"wall_s": round(time.perf_counter() - t, 1), "first_loss": [s["first_loss"] for s in m["steps"]],
-                     "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "status": [s["status"] for s in m["steps"]]}
+    m = manifest.read(work / f"quickstart-{name}")
+    results[name] = {"wall_s": round(time.perf_counter() - t, 1), "first_loss": [s.first_loss for s in m.steps],
+                     "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "status": [s.status for s in m.steps]}
     print(name, results[name], flush=True)
     out.write_text(json.dumps(results, indent=1))
 PY

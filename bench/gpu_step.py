@@ -129,6 +129,7 @@ def run_lora_sdpo(recipe: Path, out: Path, tokens: int, n: int, peak: float, sha
 
     tokens/s and MFU count the two-row layout's tokens for every arm (the same work), so the pair
     forward's figures are 'TRL-equivalent'; the manifest's token accounting is printed beside them."""
+    from lora_sdpo import manifest
     from lora_sdpo.cli import main as cli
 
     torch.cuda.empty_cache()
@@ -136,12 +137,12 @@ def run_lora_sdpo(recipe: Path, out: Path, tokens: int, n: int, peak: float, sha
     t = time.perf_counter()
     cli(["run", str(recipe), "--output", str(out), "--set", f"training.prefix_sharing={str(sharing).lower()}"], standalone_mode=False)
     wall = time.perf_counter() - t
-    step = json.loads((out / "manifest.json").read_text())["steps"][0]
+    step = manifest.read(out).step(1)
     name = "lora-sdpo run, pair forward" if sharing else "lora-sdpo run, TRL's forward"
-    r = report(name, tokens, step["timings"]["reference"], step["timings"]["train"], n, peak)
-    r.update(wall_s=round(wall, 1), timings=step["timings"], first_loss=step["first_loss"], retention=step["retention"],
-             token_accounting=step.get("tokens"))
-    print(f"gpu | {name}: timings {step['timings']} wall {wall:.1f}s tokens {step.get('tokens')}", flush=True)
+    r = report(name, tokens, step.timings["reference"], step.timings["train"], n, peak)
+    r.update(wall_s=round(wall, 1), timings=step.timings, first_loss=step.first_loss, retention=step.retention,
+             token_accounting=step.tokens)
+    print(f"gpu | {name}: timings {step.timings} wall {wall:.1f}s tokens {step.tokens}", flush=True)
     shutil.rmtree(out / "step-1" / "model", ignore_errors=True)  # 29 GB of float32 M_1
     return r
 

@@ -183,15 +183,16 @@ def _logprobs(model, ids: list[int]) -> torch.Tensor:
 def divergence(args) -> dict:
     from peft import PeftModel
 
+    from lora_sdpo import manifest
     from lora_sdpo.merge import merge_lora
     from lora_sdpo.model import load_base, load_tokenizer
     from lora_sdpo.recipe import AdapterConfig
 
     run = Path(args.run)
-    manifest = json.loads((run / "manifest.json").read_text())
-    if manifest.get("status") != "done":
+    m = manifest.read(run)
+    if m is None or m.status != "done":
         raise SystemExit(f"{run}: not a finished run; make one with: lora-sdpo run recipes/quickstart.toml --output runs/quickstart")
-    adapter_cfg = AdapterConfig(**manifest["adapter"])
+    adapter_cfg = AdapterConfig(**m.adapter)
     fp32 = adapter_cfg.model_copy(update={"quantization": "none", "compute_dtype": "float32"})
     nf4 = adapter_cfg.model_copy(update={"compute_dtype": "float32"})
     recipe = __import__("tomllib").loads((run / "recipe.toml").read_text())
@@ -199,8 +200,8 @@ def divergence(args) -> dict:
     tok = load_tokenizer(base_dir)
     work = Path(tempfile.mkdtemp(prefix="merge-div-"))
     report = {"run": str(run), "pairs": args.pairs, "steps": []}
-    for step in manifest["steps"]:
-        i = step["index"]
+    for step in m.steps:
+        i = step.index
         start = base_dir if i == 1 else run / f"step-{i - 1}" / "model"
         source = recipe["steps"][i - 1]["sources"][0]["path"]
         data = (ROOT / "recipes" / source).resolve() if not Path(source).is_absolute() else Path(source)

@@ -56,6 +56,8 @@ def run(sharing: bool, out: Path, tree: Path | None = None, extra_env: dict | No
         v = re.search(pat, p.stderr).group(1)
         r[k] = _seconds(v) if k == "wall_s" else float(v)
     r["peak_rss_mb"] /= 1024
+    # Raw JSON, not lora_sdpo.manifest.read: with --against, `out` was written by another checkout,
+    # whose manifest format this one may not read; only `steps[].index` and `tokens` are needed.
     m = json.loads((out / "manifest.json").read_text())
     r["tokens"] = [s.get("tokens") for s in m["steps"]]
     r["losses"] = [[json.loads(x).get("loss") for x in (out / f"step-{s['index']}" / "metrics.jsonl").read_text().splitlines()

@@ -20,6 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from .errors import DataError
+from .manifest import Manifest
 from .roles import ROLES
 SHOW = 5  # rows named in a message; the manifest keeps up to KEEP
 KEEP = 50
@@ -158,10 +159,10 @@ def audit(steps: list[list[dict] | None], eval_rows: list[dict] | None, allow_ev
     return Audit(overlaps=overlaps(named), eval_allowed=allow_eval_overlap)
 
 
-def contamination_note(manifest: dict) -> str | None:
+def contamination_note(m: Manifest) -> str | None:
     """What reports say under the eval column of a run whose held-out data overlaps its steps."""
-    ov = (manifest.get("overlap") or {})
-    if not ov.get("eval_contaminated"):
+    ov = m.overlap
+    if ov is None or not ov.eval_contaminated:
         return None
-    parts = [f"{o['exact']} pairs and {o['prompt']} prompts also in {o['a']}" for o in ov["overlaps"] if o["b"] == "eval"]
+    parts = [f"{o.exact} pairs and {o.prompt} prompts also in {o.a}" for o in ov.overlaps if o.b == "eval"]
     return "eval is CONTAMINATED: " + "; ".join(parts) + " (accepted with data.allow_eval_overlap = true)"

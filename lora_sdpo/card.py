@@ -13,24 +13,26 @@ from pathlib import Path
 
 from huggingface_hub import ModelCardData
 
+from .manifest import Manifest
+
 HUB_CACHE_PATH = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def base_identity(run_dir: Path, manifest: dict) -> tuple[str | None, str]:
+def base_identity(run_dir: Path, m: Manifest) -> tuple[str | None, str]:
     """(Hub id of S or None when S is a local folder, a display name for S).
 
     The recipe's model.path may be relative to a recipe that is elsewhere; the step-1 adapter's
     config records where S was actually loaded from (a Hub cache snapshot or a local folder).
     """
-    seen = manifest.get("base_model") or ""
+    seen = m.base_model or ""
     cfg_path = Path(run_dir) / "step-1" / "adapter" / "adapter_config.json"
     loaded = ""
     if cfg_path.exists():
         loaded = json.loads(cfg_path.read_text()).get("base_model_name_or_path") or ""
-    m = HUB_CACHE_PATH.search(loaded)
-    if m:
-        return f"{m.group(1)}/{m.group(2)}", f"{m.group(1)}/{m.group(2)}"
+    hit = HUB_CACHE_PATH.search(loaded)
+    if hit:
+        return f"{hit.group(1)}/{hit.group(2)}", f"{hit.group(1)}/{hit.group(2)}"
     if HUB_ID.match(seen) and not Path(loaded or seen).is_absolute() and not Path(seen).exists():
         return seen, seen
     return None, Path(loaded or seen).name or seen
@@ -70,20 +72,19 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def step_table(manifest: dict, upto: int) -> str:
+def step_table(m: Manifest, upto: int) -> str:
     rows = [
         "| step | data | rows | reference | mean gamma_ref | retention | final loss | reward accuracy |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for s in manifest["steps"][:upto]:
-        detail = s.get("retention_detail") or {}
-        ret = _num(s.get("retention"), 2)
-        if detail and not detail.get("reliable", True) and s.get("retention") is not None:
+    for s in m.steps[:upto]:
+        ret = _num(s.retention, 2)
+        if s.retention_detail is not None and not s.retention_detail.reliable and s.retention is not None:
             ret += " (gain within noise: not meaningful)"
         rows.append(
-            f"| {s['index']} | {_cell('; '.join(s.get('sources') or []))} | {s.get('rows', 'n/a')} | "
-            f"{s.get('reference', 'S' if s['index'] == 1 else 'M_' + str(s['index'] - 1))} | {_num(s.get('gamma_ref_mean'), 2)} | "
-            f"{ret} | {_num(s.get('last_loss'))} | {_num(s.get('reward_accuracy'), 2)} |"
+            f"| {s.index} | {_cell('; '.join(s.sources or []))} | {'n/a' if s.rows is None else s.rows} | "
+            f"{s.reference or s.reference_label} | {_num(s.gamma_ref_mean, 2)} | "
+            f"{ret} | {_num(s.last_loss)} | {_num(s.reward_accuracy, 2)} |"
         )
     return "\n".join(rows)
 
@@ -108,14 +109,14 @@ def _front_matter(hub_id: str | None, licence: str | None, recipe_text: str, lib
     return ["---", ModelCardData(**meta).to_yaml().strip(), "---"]
 
 
-def _recipe_and_versions(recipe_text: str, manifest: dict) -> list[str]:
+def _recipe_and_versions(recipe_text: str, m: Manifest) -> list[str]:
     return ["## Recipe", "", "```toml", recipe_text.strip(), "```", "", "## Versions", "",
-            ", ".join(f"{k} {v}" for k, v in (manifest.get("versions") or {}).items()), ""]
+            ", ".join(f"{k} {v}" for k, v in (m.versions or {}).items()), ""]
 
 
 def model_card(
     run_dir: Path,
-    manifest: dict,
+    m: Manifest,
     recipe_text: str,
     step: int,
     what: str,
@@ -124,12 +125,12 @@ def model_card(
     repo_id: str | None = None,
 ) -> str:
     """README.md of an export of step `step` (1-based): `what` is "merged" or "adapter"."""
-    hub_id, base_name = base_identity(run_dir, manifest)
-    total = len(manifest["steps"])
-    qlora = (manifest.get("adapter") or {}).get("quantization", "nf4") == "nf4"
+    hub_id, base_name = base_identity(run_dir, m)
+    total = len(m.steps)
+    qlora = (m.adapter or {}).get("quantization", "nf4") == "nf4"
     tags = ["sdpo", "dpo", "lora"] + (["qlora"] if qlora else []) + ["trl", "lora-sdpo"]
     where = repo_id or "PATH_OR_REPO_ID"  # this folder, or the Hub repo it is uploaded to
-    ad = manifest.get("adapter") or {}
+    ad = m.adapter or {}
     base_line = _base_line(hub_id, base_name)
 
     parts = [*_front_matter(hub_id, licence, recipe_text, "peft" if what == "adapter" else "transformers", tags), ""]
@@ -211,24 +212,24 @@ def model_card(
         "is the share of the adapter's gamma gain that survived the merge and NF4 re-quantisation. Final loss and "
         "reward accuracy are TRL's, at the end of the step.",
         "",
-        step_table(manifest, step),
+        step_table(m, step),
         "",
-        f"Run status: {manifest.get('status', 'unknown')}, {total} step(s) in the recipe; this export is step {step}.",
+        f"Run status: {m.status}, {total} step(s) in the recipe; this export is step {step}.",
         "",
         "## Base model and licence",
         "",
         f"S: {base_line}. "
         + (f"Licence (from the base's card): {licence}." if licence else "The base declares no licence in its card; check its source before sharing."),
         "",
-        *_recipe_and_versions(recipe_text, manifest),
+        *_recipe_and_versions(recipe_text, m),
     ]
     return "\n".join(parts)
 
 
-def gguf_card(run_dir: Path, manifest: dict, recipe_text: str, step: int, quant: str, file_name: str, licence: str | None) -> str:
+def gguf_card(run_dir: Path, m: Manifest, recipe_text: str, step: int, quant: str, file_name: str, licence: str | None) -> str:
     """README.md of a GGUF export of step `step`: how llama.cpp, Ollama and transformers load the file."""
-    hub_id, base_name = base_identity(run_dir, manifest)
-    total = len(manifest["steps"])
+    hub_id, base_name = base_identity(run_dir, m)
+    total = len(m.steps)
     base_line = _base_line(hub_id, base_name)
     what = {"f16": "float16 (1-D tensors float32)", "q8_0": "8-bit q8_0 blocks (1-D tensors float32)"}[quant]
     return "\n".join([
@@ -255,6 +256,6 @@ def gguf_card(run_dir: Path, manifest: dict, recipe_text: str, step: int, quant:
         f'tokenizer = AutoTokenizer.from_pretrained(".", gguf_file="{file_name}")',
         "```", "",
         "## Steps", "",
-        step_table(manifest, step), "",
-        *_recipe_and_versions(recipe_text, manifest),
+        step_table(m, step), "",
+        *_recipe_and_versions(recipe_text, m),
     ])

@@ -101,19 +101,19 @@ def run(recipe, output, overrides, restart, num_processes, num_machines, machine
 
         console.print(f"process {w.rank} of {w.size} (world size {dist.get_world_size()}, backend {dist.get_backend()}, pid {os.getpid()})")
     log = (lambda m: console.print(m, soft_wrap=True)) if w.main else (lambda m: None)
-    manifest = run_recipe(loaded, output=output, restart=restart, log=log)
+    m = run_recipe(loaded, output=output, restart=restart, log=log)
     distributed.shutdown()
     if not w.main:
         return
     from .report import build_report, print_summary
 
-    print_summary(manifest, console)
+    print_summary(m, console)
     report = build_report(loaded.output_dir(output))
     warn = loaded.recipe.retention.warn_below
-    for s in manifest["steps"]:
-        d = s["retention_detail"]
-        if d["reliable"] and d["retention"] is not None and d["retention"] < warn:
-            console.print(f"[yellow]warning: step {s['index']} kept only {d['retention']:.2f} of its gamma gain after the merge (< {warn})[/]")
+    for s in m.steps:
+        d = s.retention_detail
+        if d is not None and d.reliable and d.retention is not None and d.retention < warn:
+            console.print(f"[yellow]warning: step {s.index} kept only {d.retention:.2f} of its gamma gain after the merge (< {warn})[/]")
     console.print(f"run complete: {loaded.output_dir(output)} (report: {report})")
 
 

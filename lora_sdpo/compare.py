@@ -22,6 +22,7 @@ from .data import prepare_run_data, tokenize_pair
 from .diagnostics import gammas
 from .errors import RecipeError
 from .fetch import local_model_dir
+from .manifest import Manifest
 from .model import load_base, load_tokenizer
 from .recipe import LoadedRecipe, Recipe, format_errors
 from .report import fmt_number, md_table
@@ -110,26 +111,26 @@ def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=prin
             log(f"arm {arm}: done earlier, skipped")
             continue
         log(f"arm {arm}: {ARMS[arm]}")
-        manifest = run_recipe(rec, output=str(output / arm), log=log)
-        last = manifest["steps"][-1]
-        g = eval_gammas(output / arm / last["model"])
+        m = run_recipe(rec, output=str(output / arm), log=log)
+        last = m.steps[-1]
+        g = eval_gammas(output / arm / last.model)
         results["arms"][arm] = {
             "recipe_sha256": rec.sha256,
-            "steps": len(manifest["steps"]),
-            "pairs": sum(s["rows"] for s in manifest["steps"]),
+            "steps": len(m.steps),
+            "pairs": sum(s.rows for s in m.steps),
             "pref_accuracy_vs_S": float((g > g_base).float().mean()),
             "eval_gamma_mean": float(g.mean()),
-            "final_train_loss": last["last_loss"],
-            "wall_s": round(manifest_wall(manifest), 1),
-            "gamma_matrix": manifest.get("gamma_matrix"),
+            "final_train_loss": last.last_loss,
+            "wall_s": round(manifest_wall(m), 1),
+            "gamma_matrix": m.gamma_matrix.dump() if m.gamma_matrix else None,
         }
         atomic_write_json(results_path, results)
     write_comparison_md(results, output / "comparison.md")
     return results
 
 
-def manifest_wall(manifest: dict) -> float:
-    return sum(s["timings"]["total"] for s in manifest["steps"])
+def manifest_wall(m: Manifest) -> float:
+    return sum(s.timings["total"] for s in m.steps)
 
 
 def write_comparison_md(results: dict, path: Path) -> None:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 
 from .data import load_pairs, tokenize_pair
 from .fetch import local_model_dir
+from .manifest import Manifest
 from .model import load_base, load_tokenizer, sequence_logps
 from .recipe import AdapterConfig, SourceConfig
 from .rundir import atomic_write_bytes
@@ -87,14 +88,13 @@ def paired_difference(g_ref: torch.Tensor, g_base: torch.Tensor) -> dict:
     }
 
 
-def paired_differences(root: Path, manifest: dict) -> list[dict]:
+def paired_differences(root: Path, m: Manifest) -> list[dict]:
     """For every step t: the paper's comparison, gamma of the step's reference M_{t-1} minus gamma of S on D_t's
     sample (for t = 1 the reference is S itself). From the per-pair files; missing ones give no numbers."""
     base = load_gammas(root, "S")
     out = []
-    for s in manifest["steps"]:
-        t = s["index"]
-        ref = "S" if t == 1 else f"M_{t - 1}"
+    for s in m.steps:
+        t, ref = s.index, s.reference_label
         entry = {"step": t, "reference": ref, "data": f"D_{t}"}
         g_ref = base if t == 1 else load_gammas(root, ref)
         if t > 1 and base is not None and g_ref is not None and entry["data"] in base and entry["data"] in g_ref:

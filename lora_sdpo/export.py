@@ -24,7 +24,9 @@ from pathlib import Path
 
 from . import __version__
 from .card import base_license, model_card
+from . import manifest
 from .errors import RunError
+from .manifest import Manifest
 from .merge import MergePlan, check_output, config_text, plan_merge, write_merge
 from .rundir import EXPORT_MARKER as MARKER, RunDir, atomic_dir
 from .shards import planned_files
@@ -77,26 +79,26 @@ def _copy_file(path: str, source: Path) -> ExportFile:
     return ExportFile(path, source.stat().st_size, source=source)
 
 
-def read_run(run_dir: Path) -> tuple[RunDir, dict, str]:
+def read_run(run_dir: Path) -> tuple[RunDir, Manifest, str]:
     run = RunDir(Path(run_dir).resolve())
-    manifest = run.read_manifest()
-    if manifest is None or "steps" not in manifest:
+    m = manifest.read(run)  # a manifest without steps is refused there, naming the key
+    if m is None:
         raise RunError(f"{run_dir}: not a lora-sdpo run directory (no manifest.json with steps); give the folder `lora-sdpo run` wrote")
     if not run.recipe_path.exists():
         raise RunError(f"{run.recipe_path}: missing; the run directory is incomplete")
-    return run, manifest, run.recipe_path.read_text()
+    return run, m, run.recipe_path.read_text()
 
 
-def pick_step(run: RunDir, manifest: dict, step: int | None) -> int:
-    done = [s["index"] for s in manifest["steps"] if s.get("status") == "done"]
+def pick_step(run: RunDir, m: Manifest, step: int | None) -> int:
+    done = [s.index for s in m.steps if s.status == "done"]
     if step is None:
         if not done:
             raise RunError(f"{run.root}: no step has finished yet; run it to completion first (lora-sdpo run)")
         return max(done)
-    if not 1 <= step <= len(manifest["steps"]):
-        raise RunError(f"--step {step}: the run has steps 1..{len(manifest['steps'])}")
+    if not 1 <= step <= len(m.steps):
+        raise RunError(f"--step {step}: the run has steps 1..{len(m.steps)}")
     if step not in done:
-        raise RunError(f"--step {step}: that step has not finished (status {manifest['steps'][step - 1].get('status')}); finish the run first")
+        raise RunError(f"--step {step}: that step has not finished (status {m.step(step).status}); finish the run first")
     return step
 
 
@@ -115,13 +117,13 @@ def plan_export(
     """Every file the export will hold, with its exact size; reads headers and configs only."""
     if what not in WHATS:
         raise RunError(f"--what {what!r}: choose merged or adapter")
-    run, manifest, recipe_text = read_run(run_dir)
-    step = pick_step(run, manifest, step)
+    run, m, recipe_text = read_run(run_dir)
+    step = pick_step(run, m, step)
     # Tokenizer, generation config and licences travel with every M_t (the merge copies them from S).
-    model_dirs = [run.model_dir(i) for i in [step, *range(len(manifest["steps"]), 0, -1)] if run.model_dir(i).is_dir()]
+    model_dirs = [run.model_dir(i) for i in [step, *range(len(m.steps), 0, -1)] if run.model_dir(i).is_dir()]
     side_src = model_dirs[0] if model_dirs else None
     licence = base_license(side_src)
-    card = model_card(run.root, manifest, recipe_text, step, what, dtype if what == "merged" else None, licence, repo_id)
+    card = model_card(run.root, m, recipe_text, step, what, dtype if what == "merged" else None, licence, repo_id)
     plan = ExportPlan(run.root, step, what, dtype if what == "merged" else None, card)
 
     if what == "merged":
@@ -141,7 +143,7 @@ def plan_export(
         if step == 1:
             from .card import base_identity
 
-            hub_base = base_identity(run.root, manifest)[0]
+            hub_base = base_identity(run.root, m)[0]
         for i in range(1, step + 1):
             adir = run.adapter_dir(i)
             if not (adir / "adapter_model.safetensors").exists():

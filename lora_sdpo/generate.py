@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from .data import normalise, read_file
+from . import manifest
 from .errors import EvalError, GenerateError
-from .rundir import RunDir, is_run_dir
+from .rundir import is_run_dir
 from .targets import Target, load_model, model_target, run_targets
 
 
@@ -120,8 +121,7 @@ def targets(location: str, step: str | None, adapter: str | None) -> list[Target
         if adapter is not None:
             raise GenerateError("--adapter applies to a model, not a run directory (a run's M_t already contain their adapters)")
         if step is None:
-            manifest = RunDir(Path(location)).read_manifest()
-            done = [s["index"] for s in manifest["steps"] if s.get("status") == "done"]
+            done = [s.index for s in manifest.read(location).steps if s.status == "done"]
             step = str(done[-1]) if done else "0"
         elif step != "all" and not step.isdigit():
             raise GenerateError(f"--step {step}: write a step number (0 is the base S) or all")

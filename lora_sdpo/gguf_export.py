@@ -229,8 +229,8 @@ def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str
         import gguf  # noqa: F401
     except ImportError:
         raise GGUFError("the GGUF export needs the gguf library; install it with: pip install 'lora-sdpo[gguf]'") from None
-    run, manifest, recipe_text = read_run(run_dir)
-    step = pick_step(run, manifest, step)
+    run, m, recipe_text = read_run(run_dir)
+    step = pick_step(run, m, step)
     model_dir = run.model_dir(step)
     if not model_dir.is_dir():
         raise GGUFError(f"{model_dir}: M_{step} was pruned (run.keep_models = \"last\"); export the last step, or rebuild "
@@ -239,11 +239,11 @@ def export_gguf(run_dir: Path, output: Path, step: int | None = None, quant: str
     output = Path(output).resolve()
     check_output(output, {"run": run.root}, replaceable=(MARKER,))
     file_name = f"model-{quant}.gguf"
-    name = f"{base_identity(run.root, manifest)[1]} sDPO M_{step}"
+    name = f"{base_identity(run.root, m)[1]} sDPO M_{step}"
     with atomic_dir(output) as tmp:
         write_gguf(model_dir, tmp / file_name, quant, name)
         (tmp / "Modelfile").write_text(modelfile(file_name, _eos_tokens(model_dir)))
-        (tmp / "README.md").write_text(gguf_card(run.root, manifest, recipe_text, step, quant, file_name, base_license(model_dir)))
+        (tmp / "README.md").write_text(gguf_card(run.root, m, recipe_text, step, quant, file_name, base_license(model_dir)))
         (tmp / "recipe.toml").write_text(recipe_text)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         marker = {"format": 1, "tool": f"lora-sdpo {__version__}", "what": "gguf", "step": step, "dtype": quant,

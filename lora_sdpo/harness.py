@@ -26,7 +26,9 @@ from importlib.metadata import version
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import manifest
 from .errors import EvalError
+from .manifest import EvalRecord
 from .rundir import RunDir, is_run_dir
 from .targets import Target, fingerprint, load_model, model_order, model_target, run_targets
 
@@ -286,16 +288,20 @@ def evaluate(location: str, tasks_spec: str, *, include: list[str], limit: int |
 def store_in_manifest(root: Path, label: str, record: dict) -> None:
     """Merge one model's scores into the manifest's `eval` key (re-read first: a manifest is the run's truth)."""
     run = RunDir(root)
-    manifest = run.read_manifest()
-    models = manifest.setdefault("eval", {}).setdefault("models", {})
+    m = manifest.read(run)
+    if m is None:
+        raise EvalError(f"{run.manifest_path}: missing; the scores of {label} have no run to go into")
+    ev = m.eval or EvalRecord()
+    models = dict(ev.models)
     old = models.get(label)
     if old and old.get("fingerprint") == record["fingerprint"] and old.get("precision") == record["precision"]:
         # The same weights at the same precision: keep scores of tasks not evaluated this time.
         record = {**record, "scores": {**old.get("scores", {}), **record["scores"]}}
         record["h4"] = h4_score(record["scores"])
     models[label] = record
-    manifest["eval"]["models"] = dict(sorted(models.items(), key=lambda kv: model_order(kv[0])))
-    run.write_manifest(manifest)
+    ev.models = dict(sorted(models.items(), key=lambda kv: model_order(kv[0])))
+    m.eval = ev
+    manifest.write(run, m)
 
 
 # ---------------------------------------------------------------- tables

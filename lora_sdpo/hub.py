@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from . import manifest
 from .errors import PushError
 from .export import MARKER, ExportPlan, plan_export, write_export
-from .rundir import RunDir, is_run_dir
+from .rundir import is_run_dir
 
 # Never uploaded, whatever a folder or marker says: pickles can run code when loaded, caches and
 # checkpoints are bulky and may hold the training data.
@@ -98,10 +99,10 @@ def push(
         raise PushError(f"{path}: not a folder; give an export folder or a run directory")
     plan: ExportPlan | None = None
     if is_run_dir(path):
-        manifest = RunDir(path).read_manifest()
-        if manifest.get("status") != "done":
+        status = manifest.read(path).status
+        if status != "done":
             raise PushError(
-                f"{path}/manifest.json: the run is not finished (status {manifest.get('status')!r}); "
+                f"{path}/manifest.json: the run is not finished (status {status!r}); "
                 "finish it with `lora-sdpo run`, or export a finished step with `lora-sdpo export` and push that"
             )
         plan = plan_export(path, step=step, what=what, repo_id=repo_id)

@@ -13,9 +13,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import manifest
 from .errors import EvalError
 from .fetch import local_model_dir
 from .locations import no_model_folder
+from .manifest import Manifest
 from .rundir import RunDir, sha256_file
 
 
@@ -52,8 +54,8 @@ def model_target(location: str, adapter: str | None) -> Target:
 def run_targets(root: str, steps: str) -> tuple[list[Target], list[str]]:
     """([S, M_1, ...], [pruned models left out]) of a run directory; `steps` is `all` or indices, 0 meaning S."""
     run = RunDir(Path(root))
-    manifest = run.read_manifest()
-    done = {s["index"]: s for s in manifest["steps"] if s.get("status") == "done"}
+    m = manifest.read(run)
+    done = {s.index: s for s in m.steps if s.status == "done"}
     if steps == "all":
         wanted, explicit = [0, *sorted(done)], False
     else:
@@ -64,13 +66,13 @@ def run_targets(root: str, steps: str) -> tuple[list[Target], list[str]]:
     targets, pruned = [], []
     for i in wanted:
         if i == 0:
-            targets.append(Target("S", base_dir(run, manifest), shown=str(manifest.get("base_model"))))
+            targets.append(Target("S", base_dir(run, m), shown=str(m.base_model)))
             continue
         if i not in done:
-            n = len(manifest["steps"])
+            n = len(m.steps)
             raise EvalError(f"--steps: step {i} of {root} is not finished (the run has {n} steps, finished: {sorted(done) or 'none'})")
         model = run.model_dir(i)
-        if not done[i].get("model") or not model.is_dir():
+        if not done[i].model or not model.is_dir():
             if explicit:
                 raise EvalError(f"{model}: M_{i} was pruned (run.keep_models = \"last\"); rebuild it by merging the adapters "
                                 f"of steps {'1' if i == 1 else f'1..{i}'} into S in turn (`lora-sdpo merge`), and evaluate that folder")
@@ -82,13 +84,13 @@ def run_targets(root: str, steps: str) -> tuple[list[Target], list[str]]:
     return targets, pruned
 
 
-def base_dir(run: RunDir, manifest: dict) -> Path:
+def base_dir(run: RunDir, m: Manifest) -> Path:
     """The folder of S: where step 1 loaded it from (its adapter's config records it), else the manifest's name."""
     cfg = run.adapter_dir(1) / "adapter_config.json"
     loaded = json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.is_file() else None
     if loaded and (Path(loaded) / "config.json").is_file():
         return Path(loaded)
-    seen = manifest.get("base_model") or ""
+    seen = m.base_model or ""
     if (Path(seen) / "config.json").is_file():
         return Path(seen).resolve()
     try:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import RecipeError
+from .manifest import StepRecord
 from .rundir import RunDir, atomic_write_json
 
 EXTRA = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}  # name: (module, extra)
@@ -114,12 +115,12 @@ class StepTracking:
             mlflow.end_run()
             self._mlflow_run = None
 
-    def log_step_end(self, entry: dict, matrix_rows: dict) -> None:
+    def log_step_end(self, record: StepRecord, matrix_rows: dict) -> None:
         """lora-sdpo's own scalars of the finished step, at its last optimizer step."""
         if not self.names:
             return
-        scalars = step_scalars(entry, matrix_rows)
-        step = int(entry.get("optimizer_steps") or 0)
+        scalars = step_scalars(record, matrix_rows)
+        step = int(record.optimizer_steps or 0)
         if "tensorboard" in self.names:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -137,19 +138,22 @@ class StepTracking:
             client.set_terminated(run_id)
 
 
-def step_scalars(entry: dict, matrix_rows: dict) -> dict[str, float]:
+def step_scalars(record: StepRecord, matrix_rows: dict) -> dict[str, float]:
     """rows, first loss, gamma_ref, retention with its noise, and the step's gamma-matrix row."""
-    ret = entry.get("retention_detail") or {}
+    ret = record.retention_detail
     values = {
-        "lora_sdpo/rows": entry.get("rows"),
-        "lora_sdpo/first_loss": entry.get("first_loss"),
-        "lora_sdpo/gamma_ref_mean": entry.get("gamma_ref_mean"),
-        "lora_sdpo/gamma_ref_std": entry.get("gamma_ref_std"),
-        "lora_sdpo/retention": ret.get("retention"),
-        "lora_sdpo/retention_gain": ret.get("gain"),
-        "lora_sdpo/retention_noise": ret.get("noise"),
-        "lora_sdpo/retention_reliable": float(ret["reliable"]) if "reliable" in ret else None,
+        "lora_sdpo/rows": record.rows,
+        "lora_sdpo/first_loss": record.first_loss,
+        "lora_sdpo/gamma_ref_mean": record.gamma_ref_mean,
+        "lora_sdpo/gamma_ref_std": record.gamma_ref_std,
     }
+    if ret is not None:
+        values |= {
+            "lora_sdpo/retention": ret.retention,
+            "lora_sdpo/retention_gain": ret.gain,
+            "lora_sdpo/retention_noise": ret.noise,
+            "lora_sdpo/retention_reliable": float(ret.reliable) if "reliable" in ret.model_fields_set else None,
+        }
     for model, row in matrix_rows.items():
         for data, st in row.items():
             values[f"lora_sdpo/gamma/{model}/{data}"] = (st or {}).get("mean")
