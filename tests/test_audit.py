@@ -12,6 +12,7 @@ from conftest import SHORT_SETTINGS, recipe_toml, write_jsonl
 from lora_sdpo.audit import audit, pair_keys
 from lora_sdpo.cli import main
 from lora_sdpo.data import normalise
+from lora_sdpo.manifest import Manifest
 
 
 
@@ -72,8 +73,9 @@ def test_accepted_eval_overlap_is_marked_contaminated(tmp_path):
     found = audit([[normalise(orca(i))[1] | {"source": "d1", "row": i + 1} for i in range(4)]],
                   [normalise(standard(2))[1] | {"source": "ev", "row": 1}], allow_eval_overlap=True)
     found.check()  # accepted: no error
-    manifest = {"overlap": found.to_dict(), "gamma_matrix": {"sample": {"D_1": 4, "eval": 1}, "rows": {"S": {}}}}
-    assert matrix_table(manifest)[0] == ["model", "D_1 (n=4)", "eval (n=1, CONTAMINATED)"]
+    m = Manifest.model_validate({"status": "done", "recipe_sha256": "0" * 64, "steps": [], "overlap": found.to_dict(),
+                                 "gamma_matrix": {"sample": {"D_1": 4, "eval": 1}, "rows": {"S": {}}}})
+    assert matrix_table(m)[0] == ["model", "D_1 (n=4)", "eval (n=1, CONTAMINATED)"]
 
 
 def test_overlap_between_steps_is_a_warning_with_counts(tmp_path):

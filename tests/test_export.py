@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from conftest import cli
 from lora_sdpo.errors import RunError
 from lora_sdpo.export import export_run, plan_export
+from lora_sdpo.manifest import Manifest
 from lora_sdpo.merge import MergeError
 from lora_sdpo.shards import model_tensors
 
@@ -116,11 +117,12 @@ def test_card_metadata_for_a_hub_base(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "README.md").write_text("---\nlicense: apache-2.0\ntags: [mistral]\n---\n# OpenHermes\n")
     recipe = '[model]\npath = "teknium/OpenHermes-2.5-Mistral-7B"\n[[steps]]\n[[steps.sources]]\ndataset = "Intel/orca_dpo_pairs"\n'
-    manifest = {"base_model": "teknium/OpenHermes-2.5-Mistral-7B", "adapter": {"quantization": "none"}, "status": "done",
-                "steps": [{"index": 1, "status": "done", "sources": ["Intel/orca_dpo_pairs[train]: 100 pairs"], "rows": 100,
+    m = Manifest.model_validate({
+                "base_model": "teknium/OpenHermes-2.5-Mistral-7B", "adapter": {"quantization": "none"}, "status": "done",
+                "recipe_sha256": "0" * 64, "steps": [{"index": 1, "status": "done", "sources": ["Intel/orca_dpo_pairs[train]: 100 pairs"], "rows": 100,
                            "gamma_ref_mean": -38.6, "retention": 0.5, "retention_detail": {"reliable": False},
-                           "last_loss": 0.5, "reward_accuracy": 0.75}]}
-    card = model_card(tmp_path, manifest, recipe, 1, "adapter", None, base_license(tmp_path / "model"), repo_id="me/x")
+                           "last_loss": 0.5, "reward_accuracy": 0.75}]})
+    card = model_card(tmp_path, m, recipe, 1, "adapter", None, base_license(tmp_path / "model"), repo_id="me/x")
     meta = _meta(card)
     assert meta["base_model"] == "teknium/OpenHermes-2.5-Mistral-7B" and meta["license"] == "apache-2.0"
     assert meta["datasets"] == ["Intel/orca_dpo_pairs"] and "qlora" not in meta["tags"] and meta["library_name"] == "peft"
