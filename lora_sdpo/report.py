@@ -95,7 +95,7 @@ def matrix_table(m: Manifest) -> tuple[list[str], list[list[str]]]:
     """Mean ± standard error of each model's gamma on each dataset's sample; a contaminated eval says so."""
     gm = m.gamma_matrix or GammaMatrix()
     cells = {model: [gm.rows[model].get(d) for d in gm.sample] for model in gm.rows}
-    out = [[model] + [_pm(c.mean, c.se) if c else "n/a" for c in cs] for model, cs in cells.items()]
+    out = [[model] + [_pm(c.mean, c.se) if c is not None else "n/a" for c in cs] for model, cs in cells.items()]
     dirty = contamination_note(m) is not None
     return ["model"] + [f"{d} (n={n}{', CONTAMINATED' if d == 'eval' and dirty else ''})" for d, n in gm.sample.items()], out
 
@@ -214,7 +214,7 @@ def plot_matrix(m: Manifest, path: Path, paired: list[PairedDifference] | None =
     gm = m.gamma_matrix
     models, data = list(gm.rows), list(gm.sample)
     cells = [[gm.rows[model].get(d) for d in data] for model in models]
-    values = [[(c.mean if c else None) or 0.0 for c in r] for r in cells]
+    values = [[(c.mean if c is not None else None) or 0.0 for c in r] for r in cells]
     paired = [p for p in (paired or []) if p.n]
     width = 2.4 + 1.6 * len(data)
     if paired:
@@ -229,7 +229,7 @@ def plot_matrix(m: Manifest, path: Path, paired: list[PairedDifference] | None =
     ax.set_yticks(range(len(models)), models)
     for i, r in enumerate(cells):
         for j, c in enumerate(r):
-            ax.text(j, i, _pm(c.mean, c.se, 1) if c else "n/a", ha="center", va="center", fontsize=8)
+            ax.text(j, i, _pm(c.mean, c.se, 1) if c is not None else "n/a", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="mean gamma")
     ax.set_title("mean gamma ± s.e. = log p(chosen) - log p(rejected)", fontsize=10)
     if paired:
