@@ -8,7 +8,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import SHORT_SETTINGS, recipe_toml, write_jsonl
+from conftest import MODEL, SHORT_SETTINGS, recipe_toml, write_jsonl
 from lora_sdpo.audit import audit, pair_keys
 from lora_sdpo.cli import main
 from lora_sdpo.data import normalise
