@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import datasets
 import torch
+from safetensors.torch import load_file, save
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
 from . import distributed, faults
@@ -198,8 +200,6 @@ def reference(step: StepRun) -> Training:
     """D_t through TRL's tokenisation, the models loaded, the trainer built; TRL's reference pass
     (precompute_ref_log_probs, in the trainer's construction) gives the reference log-probs, which
     are also written to ref_logps.safetensors."""
-    import datasets  # (start-up time: datasets is only needed once a step runs)
-
     data_dir = step.data_dir
     with distributed.main_first():  # (distributed) the others read pairs.jsonl and the cache once it is written
         dataset = datasets.load_dataset(
@@ -374,8 +374,6 @@ def merge(step: StepRun) -> None:
 def retention(step: StepRun) -> dict[str, dict]:
     """Retention, part 2: the merged M_t re-quantised exactly as the next step will load it, on the
     sample part 1 scored; then M_t's gamma-matrix row and samples. Returns the matrix rows."""
-    from safetensors.torch import load_file  # (start-up time)
-
     ctx, cfg, index, rows = step.ctx, step.cfg, step.index, {}
     kept = load_file(step.retention_path)
     sample = _retention_sample(step)
@@ -403,8 +401,6 @@ def _retention_sample(step: StepRun) -> list[dict]:
 def finish(step: StepRun) -> StepRecord:
     """The step's completed record: data, losses and rewards from metrics.jsonl, gamma_ref from the
     reference pass, retention, the files of A_t and M_t, tokens and timings."""
-    from safetensors.torch import load_file  # (start-up time)
-
     run, index, cfg, rec = step.run, step.index, step.cfg, step.record
     logs = [m for m in read_jsonl(run.metrics_path(index)) if "loss" in m and "train_runtime" not in m]
     first, last = (logs[0], logs[-1]) if logs else ({}, {})
@@ -493,6 +489,4 @@ def _mean(xs):
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:
-    from safetensors.torch import save  # (start-up time)
-
     return save({k: v.contiguous() for k, v in tensors.items()})
