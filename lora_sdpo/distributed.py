@@ -486,15 +486,30 @@ def store_client(timeout_s: float):
 
 def start_heartbeat(rank: int) -> None:
     """Count up this process's key in the store, from a thread, for as long as the process lives:
-    a process whose count stops moving has died (or its machine is gone)."""
+    a process whose count stops moving has died (or its machine is gone).
+
+    The thread is stopped and joined when the interpreter exits (atexit runs before finalisation).
+    Left running, it could be inside the store's C++ call when finalisation begins; the thread is
+    then ended on its way back into Python, and that aborts the process ("terminate called without
+    an active exception", exit -6) after a run that had finished: seen once, a worker of a
+    2-process FSDP run, on a loaded machine."""
+    import atexit
     import threading
+
+    stop = threading.Event()
 
     def beat():
         with contextlib.suppress(Exception):  # the store is gone: the run is ending anyway
             store = store_client(10)
-            while True:
+            while not stop.is_set():
                 store.add(BEAT_KEY.format(rank), 1)
-                time.sleep(BEAT_SECONDS)
+                stop.wait(BEAT_SECONDS)
+
+    def end():
+        stop.set()
+        thread.join(timeout=2)  # one store call; a store that no longer answers must not hold up the exit
 
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        threading.Thread(target=beat, name="lora-sdpo-heartbeat", daemon=True).start()
+        thread = threading.Thread(target=beat, name="lora-sdpo-heartbeat", daemon=True)
+        thread.start()
+        atexit.register(end)

@@ -17,6 +17,7 @@ from pathlib import Path
 os.environ["OMP_NUM_THREADS"] = os.environ.get("LORA_SDPO_TEST_THREADS", "1")
 os.environ["MKL_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
 
+import cli_server  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
@@ -150,18 +151,60 @@ def cli_env(**extra: str) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_TOKEN": FAKE_TOKEN, **extra}
 
 
+# CLI runs are forks of one server that has imported the stack once (cli_server.py), unless
+# LORA_SDPO_TEST_FORK=0 or a call changes the environment a library reads at import time.
+_SERVER = None if os.environ.get("LORA_SDPO_TEST_FORK") == "0" else cli_server.Server(cli_env())
+
+
+def cli_popen(*args: str, env: dict | None = None, output: bool = True):
+    """`python -m lora_sdpo ARGS` started, not waited for: stdout and stderr in one text pipe
+    (`.stdout`), or both to /dev/null (output=False). A subprocess.Popen, or a forked process with
+    the same pid/stdout/poll/wait/kill."""
+    full = cli_env(**(env or {}))
+    if _SERVER is not None and _SERVER.accepts(full):
+        return _SERVER.start(list(args), full, stdout=-1 if output else subprocess.DEVNULL, stderr=None)
+    where = subprocess.PIPE if output else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "lora_sdpo", *args], stdout=where, stderr=subprocess.STDOUT,
+                            text=True, env=full)
+
+
+def _forked_run(args, full: dict, timeout: int) -> subprocess.CompletedProcess:
+    import threading
+
+    proc = _SERVER.start(list(args), full, stdout=-1, stderr=-1)
+    texts = {}
+    readers = [threading.Thread(target=lambda name=name, f=f: texts.__setitem__(name, f.read()), daemon=True)
+               for name, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for r in readers:
+        r.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    for r in readers:
+        r.join()
+    proc.stdout.close()
+    proc.stderr.close()
+    return subprocess.CompletedProcess([sys.executable, "-m", "lora_sdpo", *args], proc.returncode, texts["out"], texts["err"])
+
+
 def cli(*args: str, check: bool = True, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "lora_sdpo", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(**(env or {})),
-    )
+    full = cli_env(**(env or {}))
+    if _SERVER is not None and _SERVER.accepts(full):
+        proc = _forked_run(args, full, timeout)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "lora_sdpo", *args], capture_output=True, text=True,
+                              timeout=timeout, env=full)
     CLI_OUTPUTS.extend((proc.stdout, proc.stderr))
     if check and proc.returncode != 0:
         raise AssertionError(f"lora-sdpo {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SERVER is not None:
+        _SERVER.close()
 
 
 def cli_here(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -214,7 +257,7 @@ def _cpu_seconds() -> float:
     import resource
 
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime + (_SERVER.cpu if _SERVER is not None else 0.0)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -228,6 +271,10 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _SERVER is not None and (_SERVER.forked or _SERVER.declined):
+        why = sorted({k for keys in _SERVER.declined for k in keys})
+        terminalreporter.write_line(f"CLI calls: {_SERVER.forked} forked, {len(_SERVER.declined)} as new processes"
+                                    + (f" (their environment differs in {', '.join(why)})" if why else ""))
     if _CPU:
         terminalreporter.section(f"CPU seconds per test (setup + call + teardown), total {sum(c for c, _ in _CPU):.1f}")
         for cpu, nodeid in sorted(_CPU, reverse=True)[:25]:

@@ -18,8 +18,6 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -27,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, write_recipe
+from conftest import cli, cli_popen, write_recipe
 
 LIMITS = ("--set", "steps.0.sources.0.limit=8", "--set", "steps.1.sources.0.limit=4")
 
@@ -67,10 +65,7 @@ def distributed_run(tmp_path_factory, data_dir):
     recipe = write_recipe(folder, data_dir)
     out = folder / "run"
     args = ["run", str(recipe), "--output", str(out), *LIMITS, "--num-processes", "2"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_sdpo", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"},
-    )
+    proc = cli_popen(*args)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -285,9 +280,7 @@ def _machines(recipe, outputs, port, env=(None, None), extra=()):
     for rank, (output, e) in enumerate(zip(outputs, env)):
         args = ["run", str(recipe), "--output", str(output), *extra, "--num-machines", "2", "--machine-rank",
                 str(rank), "--main-process-ip", "127.0.0.1", "--main-process-port", str(port)]
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "lora_sdpo", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **(e or {})}))
+        procs.append(cli_popen(*args, env=e))
         lines: list[str] = []
         threading.Thread(target=lambda p=procs[-1], out=lines: out.extend(iter(p.stdout.readline, "")), daemon=True).start()
         outs.append(lines)

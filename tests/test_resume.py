@@ -7,14 +7,13 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, cli_env, fixture_recipe, write_recipe
+from conftest import cli, cli_popen, fixture_recipe, write_recipe
 from lora_sdpo.rundir import verify_files
 
 FINAL = ("step-1/adapter/adapter_model.safetensors", "step-2/adapter/adapter_model.safetensors", "step-2/model/model.safetensors")
@@ -104,10 +103,7 @@ def test_killed_at_a_random_moment_in_step_2(tmp_path, data_dir, two_step_run):
     shutil.copytree(two_step_run, out)
     _damage_m2(out)
     recipe = fixture_recipe(tmp_path, data_dir, two_step_run.parent / "eval.jsonl")  # the shared run's recipe
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lora_sdpo", "run", str(recipe), "--output", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(),
-    )
+    proc = cli_popen("run", str(recipe), "--output", str(out), output=False)
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -118,7 +114,7 @@ def test_killed_at_a_random_moment_in_step_2(tmp_path, data_dir, two_step_run):
         assert proc.poll() is None, "the run finished before it could be interrupted"
         time.sleep(3)
     finally:
-        proc.send_signal(signal.SIGKILL)
+        proc.kill()
         proc.wait()
     assert _manifest(out)["steps"][0]["status"] == "done"
     step1_model = load_file(out / "step-1/model/model.safetensors")
