@@ -12,8 +12,10 @@ a test can SIGKILL it like any process, and the server reports its exit status.
 
 What a fork cannot reproduce is anything a library reads from the environment at import time
 (thread counts, TQDM_*, HF_HUB_OFFLINE, LORA_SDPO_FLEX, glibc's MALLOC_*): the server is started
-with the tests' environment, and a request that changes any variable outside RUNTIME_ENV runs as
-a plain subprocess instead (conftest decides). LORA_SDPO_TEST_FORK=0 runs every CLI call that way.
+with the environment the tests' CLI calls get (conftest.cli_env), and a call that changes any
+variable outside RUNTIME_ENV runs as a plain subprocess instead (conftest decides). A child's
+environment is the call's, plus what the server's own imports added to theirs (as a new process's
+imports would). LORA_SDPO_TEST_FORK=0 runs every CLI call as a subprocess.
 
 Protocol (one Unix-socket connection per child): the client sends one JSON line with argv, env and
 cwd, and with it (SCM_RIGHTS) the write ends of its stdout and stderr pipes; the server answers
@@ -45,7 +47,7 @@ def _preload() -> None:
     import matplotlib.pyplot  # noqa: F401  (the report's plots)
 
 
-def _child(conn: socket.socket, listener: socket.socket, request: dict, fds: list[int]) -> None:
+def _child(conn: socket.socket, listener: socket.socket, request: dict, fds: list[int], added: dict) -> None:
     """In the forked child: become `python -m lora_sdpo ARGV` and run it; never returns."""
     import runpy
 
@@ -58,7 +60,7 @@ def _child(conn: socket.socket, listener: socket.socket, request: dict, fds: lis
     for fd in {null, *fds}:
         os.close(fd)
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update({**added, **request["env"]})
     os.chdir(request["cwd"])
     main = os.path.join(os.path.dirname(sys.modules["lora_sdpo"].__file__), "__main__.py")
     sys.argv = [main, *request["argv"]]
@@ -69,7 +71,10 @@ def _child(conn: socket.socket, listener: socket.socket, request: dict, fds: lis
 def serve(path: str) -> None:
     import gc
 
+    start = dict(os.environ)
     _preload()
+    # what importing the stack set (e.g. threadpoolctl's KMP_DUPLICATE_LIB_OK): a new process has it too
+    added = {k: v for k, v in os.environ.items() if k not in start}
     # Out of the collector's sight: a child's collections (and its exit) would otherwise touch every
     # imported object and copy the pages it shares with us (exit alone took 4.2 s instead of 0.9 s).
     gc.freeze()
@@ -94,7 +99,7 @@ def serve(path: str) -> None:
                 buf += more
             pid = os.fork()
             if pid == 0:
-                _child(conn, listener, json.loads(buf), fds)
+                _child(conn, listener, json.loads(buf), fds, added)
             for fd in fds:
                 os.close(fd)
             conn.sendall(f"pid {pid}\n".encode())
@@ -140,13 +145,6 @@ class Server:
     def accepts(self, env: dict[str, str]) -> bool:
         """Whether a child can run with `env`: it differs from ours only in RUNTIME_ENV."""
         keys = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)} - RUNTIME_ENV
-        if "TORCHINDUCTOR_CACHE_DIR" in keys:
-            # torch sets it in the tests' process to its default the first time anything compiles;
-            # a new process would compute the same default
-            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-            if env.get("TORCHINDUCTOR_CACHE_DIR") == os.path.abspath(default_cache_dir()):
-                keys.discard("TORCHINDUCTOR_CACHE_DIR")
         if keys:
             self.declined.append(sorted(keys))
         else:

@@ -147,8 +147,15 @@ FAKE_TOKEN = "hf_lorasdpoFAKEtoken0123456789abcdefXYZ"
 CLI_OUTPUTS: list[str] = []
 
 
+# The environment of every CLI call: this process's as the session started, not as it is later,
+# when the libraries the tests use have set variables of their own in it (threadpoolctl's
+# KMP_DUPLICATE_LIB_OK, inductor's _TORCHINDUCTOR_*, HF_XET_*), which a user's shell would not have.
+_SESSION_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_TOKEN": FAKE_TOKEN}
+
+
 def cli_env(**extra: str) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_TOKEN": FAKE_TOKEN, **extra}
+    """The environment of a CLI call: the session's (above), with `extra` set."""
+    return {**_SESSION_ENV, **extra}
 
 
 # CLI runs are forks of one server that has imported the stack once (cli_server.py), unless
