@@ -14,6 +14,7 @@ import warnings
 import click
 
 from .errors import UserError
+from .memory import bound_onednn_cache
 
 
 def _quiet_libraries() -> None:
@@ -59,6 +60,7 @@ class _Group(click.Group):
 @click.version_option(package_name="lora-sdpo")
 def main() -> None:
     """Stepwise DPO (sDPO) on QLoRA."""
+    bound_onednn_cache()  # before any command builds a CPU kernel
 
 
 @main.command()

@@ -20,9 +20,6 @@ config, the resumable trainer, its callbacks) is in trainer.py.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import gc
 import json
 import math
 import shutil
@@ -36,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
-from . import distributed, faults
+from . import distributed, faults, memory
 from .data import PairSet, tokenize_pair, write_pairs
 from .diagnostics import gamma_file, gammas, save_gammas, stats
 from .errors import DataError, TrainingDiverged
@@ -48,7 +45,7 @@ from .rundir import RunDir, atomic_dir, atomic_write_bytes, atomic_write_bytes_i
 from .shards import model_tensors
 from .splits import composition
 from .tracking import StepTracking
-from .trainer import (TOKENS, CheckpointSeal, JsonlMetrics, LossGuard, ResumableDPOTrainer, StepProgress, TokenTally,
+from .trainer import (TOKENS, CheckpointSeal, JsonlMetrics, LossGuard, ResumableDPOTrainer, StepProgress, TokenTally, TrimEachUpdate,
                       dpo_config, sealed_checkpoint)
 
 
@@ -183,7 +180,7 @@ def run_step(ctx: StepContext, index: int, pairs: PairSet, record: StepRecord, s
         save_adapter(step, training)
         del training
         faults.point("adapter")
-    _release_memory()
+    memory.release()
     if not distributed.is_main():  # (distributed) merge, retention and the gamma matrix are the main process's
         return None, {}
     merge(step)
@@ -245,7 +242,7 @@ def _build_trainer(step: StepRun, model, ref_model, dataset) -> Training:
         model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=ctx.tokenizer,
         peft_config=lora_config(ctx.recipe.adapter),
         # the tally writes into a checkpoint before CheckpointSeal seals it
-        callbacks=[metrics, guard, tally, CheckpointSeal(), StepProgress(index), ledger],
+        callbacks=[metrics, guard, tally, CheckpointSeal(), StepProgress(index), ledger, TrimEachUpdate()],
         prefix_sharing=cfg.training.prefix_sharing,
     )
     tally.model = trainer.model.get_base_model()
@@ -291,7 +288,7 @@ def base_rows(step: StepRun, training: Training) -> dict[str, dict]:
 
 def train(step: StepRun, training: Training) -> None:
     """DPO on D_t to the end (from the sealed checkpoint, if any); stops the step on a NaN or inf loss."""
-    _release_memory()  # the load's and the reference pass's leftovers, before training's peak
+    memory.release()  # the load's and the reference pass's leftovers, before training's peak
     trainer, checkpoint = training.trainer, training.checkpoint
     tracking = StepTracking(step.ctx.recipe, step.run, step.index) if distributed.is_main() else None  # the main process tracks
     for cb in tracking.trainer_callbacks(int(checkpoint.name.split("-")[1]) if checkpoint else 0) if tracking else []:
@@ -387,7 +384,7 @@ def retention(step: StepRun) -> dict[str, dict]:
     if ctx.sample_log is not None:
         step.timings["samples"] = step.timings.get("samples", 0.0) + ctx.sample_log.record(f"M_{index}", merged, ctx.tokenizer)
     del merged
-    _release_memory()
+    memory.release()
     step.record.retention_detail = retention_stats(kept["start"], kept["adapter"], c - r)
     return rows
 
@@ -457,30 +454,6 @@ def _free_space_for_model(step: StepRun) -> None:
     """M_t is written as float32 shards; stop now, not after hours of training, if it cannot fit."""
     need = sum(math.prod(t.shape) * 4 if t.is_float else t.nbytes for t in model_tensors(step.target_dir).values())
     ensure_free_space(step.run.step(step.index), need, f"step {step.index}: writing M_{step.index} (float32)")
-
-
-def _release_memory() -> None:
-    """Return freed models' memory now, before the next model is loaded or training starts.
-
-    Freed heap memory stays in glibc's arenas (RSS) unless trimmed: without the trim a run's RSS
-    at each step's start grew by ~100 MB a step (bench/quickstart_memory.py), and training's peak
-    sat on top of it.
-    """
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None (another C library)."""
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _mean(xs):

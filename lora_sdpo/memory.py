@@ -1,0 +1,56 @@
+"""Host memory that a run has freed but the process still holds, given back.
+
+Two things keep a CPU run's resident memory above what its tensors need (bench/quickstart_memory.py,
+measured on the quickstart; BENCHMARKS.md "The quickstart's memory"):
+
+- glibc keeps freed heap memory in its arenas. Between phases (a model freed, the next one
+  loaded) and after every optimizer update on the CPU, `trim()` hands the free pages back
+  (`malloc_trim(0)`); without it the floor of the RSS rose with every update and every step.
+- oneDNN, which runs the CPU's bf16 matmuls (TRL keeps a QLoRA adapter in bf16, so every LoRA
+  matmul is one), keeps each compiled kernel in a cache of 1024 by default, keyed by shape. The
+  pair forward's packs have a new length every batch, so nearly every update adds kernels that
+  are never used again (348 shapes in the quickstart). `bound_onednn_cache()` caps the cache at
+  ONEDNN_CACHE unless the environment already sets ONEDNN_PRIMITIVE_CACHE_CAPACITY; oneDNN reads
+  the variable when it first builds a kernel, so the command line sets it before any work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import os
+
+# Kernels oneDNN keeps: about what one batch uses (each LoRA shape forward and backward, at the
+# batch's pack length), so that the layers of a batch still reuse them.
+ONEDNN_CACHE = 16
+
+
+def bound_onednn_cache() -> None:
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE))
+
+
+def trim() -> None:
+    """Hand glibc's free heap pages back to the system (nothing with another C library)."""
+    f = _malloc_trim()
+    if f is not None:
+        f(0)
+
+
+def release() -> None:
+    """Return freed models' memory now, before the next model is loaded or training starts."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    trim()
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
