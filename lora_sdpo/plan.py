@@ -302,7 +302,10 @@ def compute_line(adapter, training) -> str:
         head = "float32"
     else:
         head = "mixed bfloat16/float32"
-    return f"computes in: {head} ({base}, {autocast} in training; LoRA weights and the LM head's log-softmax in float32)"
+    # TRL casts a QLoRA adapter to bfloat16 (DPOTrainer, for quantised models), so its matmuls run in
+    # bfloat16 whatever the base computes in; an adapter on an unquantised base stays float32 (PEFT)
+    lora = "LoRA weights in bfloat16 (TRL's QLoRA default)" if adapter.quantization == "nf4" else "LoRA weights in float32"
+    return f"computes in: {head} ({base}, {autocast} in training; {lora}; the LM head's log-softmax in float32)"
 
 
 def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import pytest
+import torch
 
 from conftest import ROOT, ULTRA, cli, cli_here, recipe_toml
 from lora_sdpo.recipe import RecipeError, load_recipe, schema_reference
@@ -126,6 +127,16 @@ def test_plan_on_quickstart():
     assert "held-out eval" in out
     assert "NOT REACHABLE" not in out
     assert "computes in: float32 (NF4 base dequantised to float32, no autocast in training" in out
+    assert "LoRA weights in bfloat16 (TRL's QLoRA default)" in out
+
+
+def test_a_qlora_adapter_is_trained_in_bfloat16_as_plan_says(two_step_run):
+    """plan's `computes in:` line names the LoRA weights' dtype: TRL casts a QLoRA adapter to
+    bfloat16 even where the base computes in float32 (the shared run's cpu-qlora-r16)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(two_step_run / "step-1" / "adapter" / "adapter_model.safetensors")
+    assert weights and {t.dtype for t in weights.values()} == {torch.bfloat16}
 
 
 def test_plan_on_two_step_offline_says_what_is_not_reachable():
