@@ -16,11 +16,10 @@ compile, then steady), the compile time, peak RSS and the number of batches afte
 paid for its compile. Inductor's on-disk cache is disabled for the flex arm (a cold compile, what a
 fresh machine pays) unless --warm-cache.
 
-Timings need a machine with nothing else running (the CPU is shared otherwise). The default shape
-(hidden 1024 x 8 layers, max_length 1024, 8 pairs a batch, 5 batches) takes an estimated 6-10
-minutes on an idle 2-core machine (not measured). Seen under load (timings void, memory valid):
-at hidden 512 x 4 layers, 3 batches of ~11,900 tokens, peak RSS 981 MB for the loop and 1,514 MB
-for flex (its compile included), steady time per batch about equal. Smoke it with
+Timings need a machine with nothing else running (the CPU is shared otherwise). At the default
+shape (hidden 1024 x 8 layers, max_length 1024, 8 pairs a batch, 5 batches) it takes about 3 minutes
+on an idle 2-core machine; measured there twice: the loop 10.8 / 11.1 s a batch once warm, flex
+15.3 / 15.7 s after an 18.3 / 22.4 s compile, peak RSS 1.70-1.74 against 2.26 GB (docs/pair-forward.md). Smoke it with
 
     python bench/flex_cpu.py --hidden 64 --layers 2 --max-length 128 --pairs 4 --batches 3
 """
