@@ -21,8 +21,8 @@ import functools
 import gc
 import os
 
-# Kernels oneDNN keeps: about what one batch uses (each LoRA shape forward and backward, at the
-# batch's pack length), so that the layers of a batch still reuse them.
+# Kernels oneDNN keeps: enough for the layers of one batch to reuse their LoRA shapes (4 measured
+# the same quickstart peak as 16: BENCHMARKS.md).
 ONEDNN_CACHE = 16
 
 

@@ -18,9 +18,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import DPOConfig, DPOTrainer
 
-from . import memory
-
-from . import distributed, faults, pairs
+from . import distributed, faults, memory, pairs
 from .recipe import LoadedRecipe
 from .rundir import atomic_write_bytes, atomic_write_json, read_jsonl
 from .tracking import run_name
