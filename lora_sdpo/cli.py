@@ -14,7 +14,7 @@ import warnings
 import click
 
 from .errors import UserError
-from .memory import bound_onednn_cache
+from .memory import set_native_defaults
 
 
 def _quiet_libraries() -> None:
@@ -60,7 +60,7 @@ class _Group(click.Group):
 @click.version_option(package_name="lora-sdpo")
 def main() -> None:
     """Stepwise DPO (sDPO) on QLoRA."""
-    bound_onednn_cache()  # before any command builds a CPU kernel
+    set_native_defaults()  # before any command builds a CPU kernel or imports Arrow
 
 
 @main.command()

@@ -57,7 +57,12 @@ ATTENTION = "lora_sdpo_pairs"
 PACK_TOKENS = 8192
 # Bytes of one [tokens x vocabulary] tile of the LM head (the kernel keeps a few such temporaries).
 TILE_BYTES = {"cuda": 512 * 2**20, "xpu": 512 * 2**20}
-TILE_BYTES_DEFAULT = 16 * 2**20
+# Elsewhere (TiledLogProbs): a block of rows across the whole vocabulary. 2 MB (16 rows of a 32k
+# vocabulary) rather than 16 MB took ~130 MB off the quickstart's peak at no cost in time
+# (BENCHMARKS.md); at least TILE_ROWS_MIN rows so that a large vocabulary's weight is not streamed
+# for a handful of tokens at a time.
+TILE_BYTES_DEFAULT = 2 * 2**20
+TILE_ROWS_MIN = 16
 HEAD_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
@@ -281,8 +286,12 @@ def head_log_probs(hidden, weight, bias, targets, cfg):
     if _use_triton(hidden.device) or softcap is not None or scale != 1.0:
         return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0,
                                             vocab_tile(len(targets), weight.shape[0], hidden.device), softcap, scale, HEAD_OUTPUTS)
-    budget = TILE_BYTES.get(hidden.device.type, TILE_BYTES_DEFAULT)
-    return TiledLogProbs.apply(hidden, weight, bias, targets, max(1, budget // (weight.shape[0] * 4)))
+    return TiledLogProbs.apply(hidden, weight, bias, targets, tiled_rows(weight.shape[0], hidden.device.type))
+
+
+def tiled_rows(vocab: int, device: str) -> int:
+    """Rows of one TiledLogProbs block: a [rows x vocab] float32 block within the byte budget."""
+    return max(TILE_ROWS_MIN, TILE_BYTES.get(device, TILE_BYTES_DEFAULT) // (vocab * 4))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .data import load_eval_pairs, load_step_pairs, token_lengths
 from .errors import DataError
 from .distributed import split_batch
 from .model import load_tokenizer, lora_parameter_count
-from .pairs import TILE_BYTES, TILE_BYTES_DEFAULT
+from .pairs import TILE_BYTES, TILE_BYTES_DEFAULT, tiled_rows
 from .splits import apply_split, composition
 from .recipe import AdapterConfig, LoadedRecipe, TrainingConfig
 
@@ -182,8 +182,10 @@ def memory_estimate(
     else:
         acts = tokens * layers * per_layer + outside
     if training.prefix_sharing:  # pairs.py sizes the vocabulary tile to a byte budget (float32 tile)
-        budget = TILE_BYTES.get(device, TILE_BYTES_DEFAULT)
-        head_tiles = budget * CPU_HEAD_TILE_COPIES if device == "cpu" else budget * compute / 4
+        if device == "cpu":
+            head_tiles = tiled_rows(s["vocab"], device) * s["vocab"] * 4 * CPU_HEAD_TILE_COPIES
+        else:
+            head_tiles = TILE_BYTES.get(device, TILE_BYTES_DEFAULT) * compute / 4
     else:
         tile = min(tokens, HEAD_TILE_TOKENS) * min(s["vocab"], HEAD_TILE_VOCAB)
         head_tiles = tile * CPU_HEAD_TILE_COPIES * 4 if device == "cpu" else tile * compute

@@ -292,3 +292,30 @@ def test_flex_attention_equals_the_sdpa_loop_without_gradients(batch, monkeypatc
         expected[s + p + a : s + p + a + b, s : s + p] = True  # the rejected tail sees the shared prefix
         expected[s + p + a : s + p + a + b, s + p + a : s + p + a + b] = torch.ones(b, b, dtype=torch.bool).tril()
     assert torch.equal(dense, expected)
+
+
+def test_the_cpu_head_block_and_its_floor_leave_the_values_unchanged():
+    """TiledLogProbs' block: 2 MB of float32 (16 rows of the quickstart's 32,064 columns), never fewer
+    than 16 rows however large the vocabulary; and the block's height changes nothing but rounding:
+    log-probs, entropy and both gradients at 16 rows equal one block of all rows, and full logits."""
+    assert pairs.tiled_rows(32064, "cpu") == 16
+    assert pairs.tiled_rows(151936, "cpu") == pairs.TILE_ROWS_MIN == 16
+    assert pairs.tiled_rows(1000, "cpu") == 2 * 2**20 // 4000
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(300, 8, dtype=torch.float64, generator=g).requires_grad_()
+    t = torch.randint(0, 300, (50,), generator=g)
+    grads = []
+    for rows in (16, 50, None):
+        hh = h.clone().requires_grad_()
+        w.grad = None
+        if rows is None:  # the truth: full logits
+            logp = torch.log_softmax(hh @ w.t(), -1)
+            lp, ent = logp.gather(1, t[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+        else:
+            lp, ent, *_ = pairs.TiledLogProbs.apply(hh, w, None, t, rows)
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        grads.append((lp.detach(), ent.detach(), hh.grad, w.grad.clone()))
+    for a, b, truth in zip(*grads):  # the statistics are float32 whatever the input: float32's tolerance
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.double(), truth.double(), rtol=1e-5, atol=1e-5)
