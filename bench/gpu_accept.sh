@@ -16,9 +16,12 @@
 #
 # Dependencies: on a machine with pip access, `pip install -e '.[test]'` over the CUDA build of torch
 # is enough. On a machine without network whose image lacks the project's pins (trl, bitsandbytes,
-# datasets, pydantic, and transformers/peft/huggingface_hub at this project's versions), put their
-# wheels (pip download --no-deps ..., for the machine's Python) in .whl/: they are installed from
-# there into /tmp/site first. The wheel set for a given image has not been assembled yet.
+# datasets, pydantic, and transformers/peft/huggingface_hub at this project's versions), assemble
+# their wheels first, where pip works: `.venv/bin/python bench/gpu_wheels.py` (for the image this
+# project is lent: Python 3.12, CUDA 13; 21 wheels, 31 MiB with bitsandbytes cut to its CUDA 13
+# libraries), and carry .whl/ with the working tree: they are installed into /tmp/site first. torch
+# is the image's own (a CUDA torch wheel is too big to carry), whatever version it is:
+# versions.txt records what ran, and an import that fails stops the script before any part.
 #
 # Each part has its own time limit (A_S, B_S, C_S seconds) so that the whole stays within 8 minutes;
 # a part that runs out is reported as such and the others still run.
@@ -39,6 +42,21 @@ else
   export PYTHONPATH=$PWD
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
+# tests/test_cuda.py runs no CLI command: no fork server (tests/cli_server.py) for it
+export LORA_SDPO_TEST_FORK=0
+python3 - > "$OUT/versions.txt" <<'PY' || { cat "$OUT/versions.txt"; echo "bench/gpu_accept.sh: the stack does not import (see above); assemble .whl/ with bench/gpu_wheels.py"; exit 3; }
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "triton", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface_hub", "pydantic", "lora_sdpo"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"), m.__file__)
+    except Exception as e:  # report every one that fails, then stop
+        print(name, "FAILED:", type(e).__name__, e)
+        failed = True
+sys.exit(1 if "failed" in globals() else 0)
+PY
+cat "$OUT/versions.txt"
 # ACCEPT_ON_CPU=1: a dry run of this script's own plumbing on a machine without a GPU (parts fail or skip)
 if [ -z "${ACCEPT_ON_CPU:-}" ]; then
   python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu_accept.sh: no CUDA GPU here')" || exit 2

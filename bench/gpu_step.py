@@ -23,8 +23,8 @@ parameters of the linear layers and the LM head), against the card's dense bf16 
 Expected device time: about 6-8 minutes for both runs at the full shape (not measured); use
 --layers 16 to halve it. bench/gpu_accept.sh runs it at 8 layers, 32 pairs, arms pairs,trl. Disk: ~45 GB (the bf16 model and the float32 M_1).
 
-On the device machine (torch is there; trl, bitsandbytes, datasets, pydantic... travel as
-wheels, see /work/.library/device/README.md), from the repository root:
+On a GPU machine without network (torch is there; trl, bitsandbytes, datasets, pydantic... travel as
+wheels in .whl/, assembled where pip works by bench/gpu_wheels.py), from the repository root:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
     PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 python3 bench/gpu_step.py --work /tmp/gpu --json $OUT/gpu_step.json
