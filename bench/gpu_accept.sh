@@ -47,14 +47,15 @@ export LORA_SDPO_TEST_FORK=0
 python3 - > "$OUT/versions.txt" <<'PY' || { cat "$OUT/versions.txt"; echo "bench/gpu_accept.sh: the stack does not import (see above); assemble .whl/ with bench/gpu_wheels.py"; exit 3; }
 import importlib, sys
 print("python", sys.version.split()[0])
+failed = []
 for name in ("torch", "triton", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "huggingface_hub", "pydantic", "lora_sdpo"):
     try:
         m = importlib.import_module(name)
         print(name, getattr(m, "__version__", "?"), m.__file__)
     except Exception as e:  # report every one that fails, then stop
         print(name, "FAILED:", type(e).__name__, e)
-        failed = True
-sys.exit(1 if "failed" in globals() else 0)
+        failed.append(name)
+sys.exit(1 if failed else 0)
 PY
 cat "$OUT/versions.txt"
 # ACCEPT_ON_CPU=1: a dry run of this script's own plumbing on a machine without a GPU (parts fail or skip)

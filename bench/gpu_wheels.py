@@ -64,7 +64,7 @@ def _record_line(name: str, data: bytes) -> str:
 def trim_bitsandbytes(wheel: Path, cuda: str) -> tuple[int, list[str]]:
     """Rewrite the wheel in place without the native libraries of other CUDA/ROCm versions."""
     keep = re.compile(rf"libbitsandbytes_(cpu|cuda{cuda}\d+)\.so$")
-    dropped, tmp = [], wheel.with_suffix(".tmp")
+    dropped, kept_cuda, tmp = [], False, wheel.with_suffix(".tmp")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
         record = next(n for n in src.namelist() if n.endswith(".dist-info/RECORD"))
         lines = []
@@ -75,11 +75,12 @@ def trim_bitsandbytes(wheel: Path, cuda: str) -> tuple[int, list[str]]:
             if base.startswith("libbitsandbytes_") and base.endswith(".so") and not keep.search(base):
                 dropped.append(base)
                 continue
+            kept_cuda |= base.startswith("libbitsandbytes_cuda")
             data = src.read(info)
             out.writestr(info, data)
             lines.append(_record_line(info.filename, data))
         out.writestr(record, "\n".join(lines + [f"{record},,"]) + "\n")
-    if not any(keep.search(n) and "cuda" in n for n in zipfile.ZipFile(tmp).namelist()):
+    if not kept_cuda:
         tmp.unlink()
         sys.exit(f"{wheel.name} has no library for CUDA {cuda}: pass the image's major CUDA version with --cuda")
     tmp.replace(wheel)

@@ -9,7 +9,7 @@ measured on the quickstart; BENCHMARKS.md "The quickstart's memory"):
 - oneDNN, which runs the CPU's bf16 matmuls (TRL keeps a QLoRA adapter in bf16, so every LoRA
   matmul is one), keeps each compiled kernel in a cache of 1024 by default, keyed by shape. The
   pair forward's packs have a new length every batch, so nearly every update adds kernels that
-  are never used again (348 shapes in the quickstart). `bound_onednn_cache()` caps the cache at
+  are never used again (348 shapes in the quickstart). `set_native_defaults()` caps the cache at
   ONEDNN_CACHE unless the environment already sets ONEDNN_PRIMITIVE_CACHE_CAPACITY.
 - Arrow (under `datasets`) allocates from its own pool (mimalloc), which keeps what the tokenising
   maps freed. `set_native_defaults()` points Arrow at the system allocator

@@ -58,7 +58,7 @@ PACK_TOKENS = 8192
 # Bytes of one [tokens x vocabulary] tile of the LM head (the kernel keeps a few such temporaries).
 TILE_BYTES = {"cuda": 512 * 2**20, "xpu": 512 * 2**20}
 # Elsewhere (TiledLogProbs): a block of rows across the whole vocabulary. 2 MB (16 rows of a 32k
-# vocabulary) rather than 16 MB took ~130 MB off the quickstart's peak at no cost in time
+# vocabulary) rather than 16 MB took most of 120 MB off the quickstart's peak at no cost in time
 # (BENCHMARKS.md); at least TILE_ROWS_MIN rows so that a large vocabulary's weight is not streamed
 # for a handful of tokens at a time.
 TILE_BYTES_DEFAULT = 2 * 2**20

@@ -10,7 +10,7 @@ PROBE = ("from lora_sdpo.memory import set_native_defaults; set_native_defaults(
          "print(pyarrow.default_memory_pool().backend_name, os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
 
 
-def _probe(**env) -> str:
+def _probe(**env) -> list[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
     return subprocess.run([sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True, check=True).stdout.split()
 
