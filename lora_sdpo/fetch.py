@@ -14,10 +14,14 @@ from .locations import no_model_folder
 
 
 def local_model_dir(location: str, revision: str | None = None) -> Path:
-    """A model as a local folder: the folder itself, or a snapshot of the Hub repo's safetensors and configs."""
+    """A model as a local folder: the folder itself, a GGUF file's float32 dequantisation, or a snapshot of the Hub repo's safetensors and configs."""
     p = Path(location).expanduser()
     if p.is_dir():
         return check_safetensors(p.resolve())
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from .gguf_import import base_from_gguf  # dequantised once, cached by the file's sha256
+
+        return base_from_gguf(p)
     problem = no_model_folder(location)
     if problem:
         raise ModelError(problem)

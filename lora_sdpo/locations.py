@@ -15,7 +15,9 @@ def no_model_folder(location: str | Path) -> str | None:
     p = Path(location).expanduser()
     if p.is_dir() or not names_local_path(str(location)):
         return None
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return None  # a GGUF model file: dequantised to a float32 folder when it is used (gguf_import.py)
     if p.is_file():
-        return f"no model folder at {p}: it is a file; give the folder that holds config.json and the *.safetensors weights"
+        return f"no model folder at {p}: it is a file; give the folder that holds config.json and the *.safetensors weights, or a .gguf file"
     return (f"no model folder at {p}; check the path (a path starting with '.', '/' or '~' is read as a local folder, "
             "a Hub model id has the form OWNER/NAME)")

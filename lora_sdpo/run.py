@@ -12,6 +12,7 @@ from .data import prepare_run_data, tokenize_pair
 from .diagnostics import gammas, paired_differences
 from .errors import RunError, UserError
 from .fetch import local_model_dir
+from .gguf_import import gguf_sha256_of
 from .model import load_base, load_tokenizer
 from .recipe import LoadedRecipe
 from .manifest import GammaMatrix, Manifest, StepRecord
@@ -118,6 +119,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         m = manifest.read(run)
     log(f"run directory: {run.root}")
     _warn_about_data(data, log)
+    m.base_gguf_sha256 = gguf_sha256_of(base_dir)
     m.overlap = data.audit.to_dict()
     m.split = recipe.recipe.data.split
     m.dropped_overlong = data.overlong

@@ -126,6 +126,16 @@ def completion_logp(model, tok, prompt, completion, max_length):
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as `lora-sdpo fetch smollm2` writes it (a real model; tests marked realmodel)."""
+    from lora_sdpo.zoo import is_fetched, model_dir
+
+    if not is_fetched("smollm2"):
+        pytest.fail(f"SmolLM2 is not fetched at {model_dir('smollm2')}: run `lora-sdpo fetch smollm2` first (.ci/run does)")
+    return model_dir("smollm2")
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
     write_jsonl(d / "orca.jsonl", short_rows(ORCA, 12))
