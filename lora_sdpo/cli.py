@@ -125,7 +125,12 @@ def run(recipe, output, overrides, restart, num_processes, num_machines, machine
               help="Comma-separated: dpo, sdpo, sdpo-strat, sdpo-curriculum, sdpo-base-init.")
 @click.option("--output", "-o", required=True, help="Folder for the arms' run directories and comparison.md.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key for every arm.")
-def compare(recipe, arms, output, overrides):
+@click.option("--tasks", help="Also score S and each arm's final model with lm-evaluation-harness (as `eval --tasks`).")
+@click.option("--include", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="A folder of lm-eval task YAML files for --tasks (repeatable).")
+@click.option("--eval-precision", type=click.Choice(["bf16", "nf4", "fp32"]), default="bf16", show_default=True,
+              help="How --tasks loads each model.")
+def compare(recipe, arms, output, overrides, tasks, include, eval_precision):
     """Run the paper's ablations on RECIPE's data with identical budgets and compare them on held-out pairs."""
     from .recipe import load_recipe
 
@@ -136,8 +141,13 @@ def compare(recipe, arms, output, overrides):
     from .compare import run_comparison
 
     console = Console(highlight=False)
+    if tasks:
+        from .harness import require_lm_eval
+
+        require_lm_eval()
     run_comparison(loaded, [a.strip() for a in arms.split(",") if a.strip()], output,
-                   log=lambda m: console.print(m, soft_wrap=True))
+                   log=lambda m: console.print(m, soft_wrap=True, markup=False), tasks=tasks, include=include,
+                   eval_precision=eval_precision)
     console.print((Path(output) / "comparison.md").read_text(), soft_wrap=True)
 
 

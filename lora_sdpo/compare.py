@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from .data import prepare_run_data, tokenize_pair
-from .diagnostics import gammas
+from .diagnostics import GAMMA_DIR, gamma_file, gammas, load_gammas, paired_difference, save_gammas, stats
 from .errors import RecipeError
 from .fetch import local_model_dir
 from .manifest import Manifest
@@ -82,7 +82,8 @@ def dpo_arm_training(loaded: LoadedRecipe) -> dict:
     )
 
 
-def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=print) -> dict:
+def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=print, tasks: str | None = None,
+                   include: tuple[str, ...] = (), eval_precision: str = "bf16") -> dict:
     if not loaded.recipe.data.eval:
         raise RecipeError(f"{loaded.path}: compare needs held-out data: add a [[data.eval]] source")
     recipes = {arm: arm_recipe(loaded, arm) for arm in arms}  # every arm validated before any runs
@@ -105,6 +106,7 @@ def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=prin
     g_base = eval_gammas(base_dir)
     results["eval_pairs"] = len(eval_rows)
     results["base_eval_gamma_mean"] = float(g_base.mean())
+    results["base_eval_gammas"] = [round(float(x), 5) for x in g_base]
     for arm, rec in recipes.items():
         prev = results["arms"].get(arm)
         if prev and prev.get("recipe_sha256") == rec.sha256:
@@ -123,17 +125,113 @@ def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=prin
             "final_train_loss": last.last_loss,
             "wall_s": round(manifest_wall(m), 1),
             "gamma_matrix": m.gamma_matrix.dump() if m.gamma_matrix else None,
+            "eval_gammas": [round(float(x), 5) for x in g],  # per held-out pair, in order: the paired tables
         }
         atomic_write_json(results_path, results)
-    write_comparison_md(results, output / "comparison.md")
+    if "dpo" in results["arms"] and "sdpo" in results["arms"] and "sdpo" in recipes:
+        results["dpo_row"] = dpo_on_sdpo_samples(recipes["sdpo"], output, tokenizer, results, log)
+    if tasks:
+        results["benchmarks"] = benchmarks(results, base_dir, output, tasks, include, eval_precision, log)
+    atomic_write_json(results_path, results)
+    write_comparison_md(results, output / "comparison.md", output)
     return results
+
+
+DPO_ROW = "DPO"  # the dpo arm's final model as a row of the sdpo arm's gamma matrix: gamma/DPO.safetensors
+
+
+def dpo_on_sdpo_samples(sdpo: LoadedRecipe, output: Path, tokenizer, results: dict, log=print) -> dict:
+    """The dpo arm's model on the very pairs of the sdpo arm's gamma matrix (the first gamma_sample pairs of
+    each D_t and of the eval data), so that DPO, S, M_1 ... M_T are compared pair by pair. Computed once."""
+    path = gamma_file(output, DPO_ROW)
+    if path.is_file() and results.get("dpo_row", {}).get("dpo_sha256") == results["arms"]["dpo"]["recipe_sha256"]:
+        return results["dpo_row"]
+    k = sdpo.recipe.diagnostics.gamma_sample
+    data = prepare_run_data(sdpo, tokenizer)
+    named = {f"D_{i + 1}": ps.rows for i, ps in enumerate(data.steps)} | {"eval": data.eval.rows}
+    samples = {name: [tokenize_pair(r, tokenizer) for r in rows[:k]] for name, rows in named.items()}
+    last = Manifest.model_validate_json((output / "dpo" / "manifest.json").read_text()).steps[-1]
+    log(f"the dpo arm's model on the sdpo arm's gamma-matrix pairs ({', '.join(f'{n} {len(r)}' for n, r in samples.items())})")
+    model = load_base(output / "dpo" / last.model, sdpo.adapter)
+    t = sdpo.recipe.training
+    per_pair = {name: gammas(model, rows, tokenizer, t.max_length, prefix_sharing=t.prefix_sharing) for name, rows in samples.items()}
+    del model
+    save_gammas(path, per_pair)
+    return {"dpo_sha256": results["arms"]["dpo"]["recipe_sha256"], "per_pair": f"{GAMMA_DIR}/{DPO_ROW}.safetensors"}
 
 
 def manifest_wall(m: Manifest) -> float:
     return sum(s.timings["total"] for s in m.steps)
 
 
-def write_comparison_md(results: dict, path: Path) -> None:
+def benchmarks(results: dict, base_dir: Path, output: Path, tasks: str, include: tuple[str, ...], precision: str,
+               log=print) -> dict:
+    """lm-evaluation-harness scores of S and of every arm's final model (`--tasks`); a model already scored on
+    the same tasks with the same weights is not scored again."""
+    from .harness import evaluate, require_lm_eval
+    from .targets import fingerprint, model_target
+
+    require_lm_eval()
+    done = results.get("benchmarks") or {}
+    models = {"S": base_dir} | {arm: output / arm / Manifest.model_validate_json((output / arm / "manifest.json").read_text()).steps[-1].model
+                               for arm in results["arms"]}
+    out = {}
+    for label, folder in models.items():
+        seen = done.get(label)
+        key = {"tasks": tasks, "precision": precision, "fingerprint": fingerprint(model_target(str(folder), None))}
+        if seen and all(seen.get(k) == v for k, v in key.items()):
+            out[label] = seen
+            continue
+        doc = evaluate(str(folder), tasks, include=list(include), limit=None, steps="all", batch_size="auto", adapter=None,
+                       precision=precision, compute_dtype="float32" if precision == "fp32" else "bfloat16", log=log)
+        out[label] = {**key, "record": next(iter(doc["models"].values()))}
+    return out
+
+
+def heldout_vs_s(results: dict) -> dict[str, dict]:
+    """Per arm, on the held-out pairs, against S: reward accuracy (share of pairs whose implicit reward
+    margin, gamma_arm - gamma_S, is above 0) and the mean margin, each with its standard error; and, when
+    both arms ran, sdpo minus dpo on the same pairs (paired)."""
+    import torch
+
+    if "base_eval_gammas" not in results:
+        return {}
+    g_s = torch.tensor(results["base_eval_gammas"])
+    margins = {arm: torch.tensor(r["eval_gammas"]) - g_s for arm, r in results["arms"].items() if "eval_gammas" in r}
+    out = {arm: {"accuracy": stats((d > 0).float()), "margin": stats(d)} for arm, d in margins.items()}
+    if "dpo" in margins and "sdpo" in margins:
+        out["sdpo - dpo"] = {
+            "accuracy": paired_difference((margins["sdpo"] > 0).float(), (margins["dpo"] > 0).float()),
+            "margin": paired_difference(margins["sdpo"], margins["dpo"]),
+        }
+    return out
+
+
+def cross_matrix(output: Path) -> tuple[list[str], dict[str, dict[str, dict]]]:
+    """The sdpo arm's gamma matrix (S, M_1 ... M_T) with the dpo arm's model as one more row, per-pair
+    statistics from the gamma files; and the paired difference of every row against S on each dataset."""
+    sdpo = output / "sdpo"
+    m = Manifest.model_validate_json((sdpo / "manifest.json").read_text())
+    labels = list(m.gamma_matrix.rows) if m.gamma_matrix else []
+    per_pair = {label: load_gammas(sdpo, label) for label in labels}
+    if gamma_file(output, DPO_ROW).is_file():
+        per_pair[DPO_ROW] = load_gammas(output, DPO_ROW)
+    per_pair = {k: v for k, v in per_pair.items() if v is not None}
+    data = list(m.gamma_matrix.sample) if m.gamma_matrix else []
+    cells = {label: {d: stats(g[d]) for d in data if d in g} for label, g in per_pair.items()}
+    base = per_pair.get("S")
+    diffs = {label: {d: paired_difference(g[d], base[d]) for d in data if d in g and d in base}
+             for label, g in per_pair.items() if label != "S" and base is not None}
+    return data, {"cells": cells, "vs_S": diffs}
+
+
+def _pm(c: dict | None, digits: int = 2) -> str:
+    if not c or c.get("mean") is None:
+        return "n/a"
+    return f"{c['mean']:.{digits}f} ± {c['se']:.{digits}f}" if c.get("se") is not None else f"{c['mean']:.{digits}f}"
+
+
+def write_comparison_md(results: dict, path: Path, output: Path | None = None) -> None:
     header = ["arm", "steps", "pairs", "pref. accuracy vs S", "mean eval gamma", "final train loss", "wall time"]
     rows = [
         [arm, str(r["steps"]), str(r["pairs"]), fmt_number(r["pref_accuracy_vs_S"], 3), fmt_number(r["eval_gamma_mean"], 2),
@@ -147,6 +245,29 @@ def write_comparison_md(results: dict, path: Path) -> None:
         "gamma = log p(chosen) - log p(rejected) than S.\n",
         md_table(header, rows),
     ]
+    heldout = heldout_vs_s(results)
+    if heldout:
+        parts += ["\n### Held-out pairs against S, paired\n",
+                  "Implicit reward margin of a model on a pair: gamma_model - gamma_S. Reward accuracy: the share of "
+                  "pairs whose margin is above 0. Each ± is a standard error; the last row is sdpo minus dpo on the "
+                  "same pairs.\n",
+                  md_table(["arm", "n", "reward accuracy vs S", "mean margin vs S"],
+                           [[arm, str(v["margin"]["n"]), _pm(v["accuracy"], 3), _pm(v["margin"])] for arm, v in heldout.items()])]
+    if output is not None and (output / "sdpo" / "manifest.json").is_file():
+        data, cross = cross_matrix(output)
+        if cross["cells"]:
+            parts += ["\n### The sdpo arm's gamma matrix, with the dpo arm's model (DPO) on the same pairs\n",
+                      "Mean gamma ± standard error of each model on the first pairs of each dataset, then each model "
+                      "minus S on the same pairs (paired mean ± standard error).\n",
+                      md_table(["model"] + data, [[label] + [_pm(c.get(d)) for d in data] for label, c in cross["cells"].items()]),
+                      "",
+                      md_table(["model - S"] + data, [[label] + [_pm(c.get(d)) for d in data] for label, c in cross["vs_S"].items()])]
+    if results.get("benchmarks"):
+        from .harness import results_table
+
+        header, rows, notes = results_table({label: b["record"] for label, b in results["benchmarks"].items()})
+        parts += ["\n### Benchmarks (lm-evaluation-harness): S and each arm's final model\n",
+                  "Scores x 100 ± standard error.\n", md_table(header, rows), "", *[f"- {n}" for n in notes]]
     for arm, r in results["arms"].items():
         gm = r.get("gamma_matrix") or {}
         if gm.get("rows"):

@@ -111,6 +111,7 @@ def dequantise(gguf: Path, out: Path, source: dict | None = None, extra_files: d
         for name, f in (extra_files or {}).items():
             shutil.copyfile(f, tmp / name)
         (tmp / PROVENANCE).write_text(json.dumps(note, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the folder is an ordinary model folder
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

