@@ -29,10 +29,11 @@ RULES = ("scores", "ranking", "judgment")
 
 
 class Derived:
-    """What one row gave: the layout recognised, the pair rows, and whether it was a tie."""
+    """What one row gave: the layout recognised, the pair rows, whether it was a tie, and what the rule dropped
+    or chose in it (counted by reason in the data report)."""
 
-    def __init__(self, layout: str, rows: list[dict] | None = None, tie: bool = False):
-        self.layout, self.rows, self.tie = layout, rows or [], tie
+    def __init__(self, layout: str, rows: list[dict] | None = None, tie: bool = False, notes: list[str] | None = None):
+        self.layout, self.rows, self.tie, self.notes = layout, rows or [], tie, notes or []
 
 
 def derive(row: Any, rule: str, src, seed: int, n: int) -> Derived:
@@ -106,8 +107,9 @@ def _number(v: Any) -> float | None:
     return None
 
 
-def _scored(row: dict, list_key: str, parallel: str, key: str) -> list[tuple[str, float]]:
-    """(text, value) of every answer that has a numeric value, in the row's order."""
+def _scored(row: dict, list_key: str, parallel: str, key: str, notes: list[str] | None = None) -> list[tuple[str, float]]:
+    """(text, value) of every answer that has a numeric value, in the row's order; the answers left out (no
+    value, empty text) are noted."""
     items = row[list_key]
     if isinstance(items, str):
         try:
@@ -124,6 +126,8 @@ def _scored(row: dict, list_key: str, parallel: str, key: str) -> list[tuple[str
     else:
         pairs = [(_text(x, f"{list_key}[{i}]"), x.get(key) if isinstance(x, dict) else None) for i, x in enumerate(items)]
     out = [(t, v) for t, v in ((t, _number(v)) for t, v in pairs) if v is not None and t.strip()]
+    if notes is not None and len(out) < len(pairs):
+        notes.append(f"answers without a numeric `{key if parallel not in row else parallel}` or without text left out")
     if len(out) < 2:
         raise Bad(f"fewer than two answers in `{list_key}` with a numeric `{key if parallel not in row else parallel}`")
     return out
@@ -142,15 +146,24 @@ def _scores(row: dict, src, rng: random.Random) -> Derived:
         raise Bad("unknown")
     ultra = layout == "ultrafeedback"
     key = src.score_key or ("overall_score" if ultra else "score")
-    answers = _scored(row, "completions", "scores", key)
+    notes: list[str] = []
+    answers = _scored(row, "completions", "scores", key, notes)
     best = max(v for _, v in answers)
     chosen = next(t for t, v in answers if v == best)
     lower = [(t, v) for t, v in answers if v < best]
     if not lower:
-        return Derived(layout, tie=True)
+        return Derived(layout, tie=True, notes=notes)
+    if sum(v == best for _, v in answers) > 1:
+        notes.append("several answers share the top score: the first is chosen")
     pick = src.pick_rejected or ("random" if ultra else "lowest")
+    if pick == "random" and len(lower) > 1:
+        notes.append("rejected drawn at random (seeded) among the lower-scored answers")
+    elif pick == "lowest" and sum(v == min(x for _, x in lower) for _, v in lower) > 1:
+        notes.append("several answers share the lowest score: the first is rejected")
     rejected = rng.choice(lower)[0] if pick == "random" else min(lower, key=lambda tv: tv[1])[0]
-    return Derived(layout, [{**_prompt(row, "instruction" if ultra else "prompt"), "chosen": chosen, "rejected": rejected}])
+    if len(answers) > 2 and pick == "lowest":
+        notes.append("answers between the highest and the lowest score not used")
+    return Derived(layout, [{**_prompt(row, "instruction" if ultra else "prompt"), "chosen": chosen, "rejected": rejected}], notes=notes)
 
 
 def _ranked_pairs(ranked: list[tuple[Any, float]], how: str) -> tuple[list[tuple[Any, Any]], bool]:
@@ -177,10 +190,14 @@ def _ranking(row: dict, src, rng: random.Random) -> Derived:
         if not rows:
             raise Bad("no prompter message in the tree has two or more ranked replies")
         return Derived(layout, rows)
-    pairs, tie = _ranked_pairs(_scored(row, "completions", "ranks", src.score_key or "rank"), how)
+    notes: list[str] = []
+    ranked = _scored(row, "completions", "ranks", src.score_key or "rank", notes)
+    pairs, tie = _ranked_pairs(ranked, how)
     if tie:
-        return Derived(layout, tie=True)
-    return Derived(layout, [{**_prompt(row, "prompt"), "chosen": a, "rejected": b} for a, b in pairs])
+        return Derived(layout, tie=True, notes=notes)
+    if how != "adjacent" and len(ranked) > 2:
+        notes.append("answers ranked between the best and the worst not used (ranking_pairs = \"best_worst\")")
+    return Derived(layout, [{**_prompt(row, "prompt"), "chosen": a, "rejected": b} for a, b in pairs], notes=notes)
 
 
 def _walk(node: dict, history: list[dict], key: str, how: str, rows: list[dict], ties: list[int]) -> None:
