@@ -7,7 +7,8 @@ before any model loads, naming the key, a sample and the two fixes; otherwise (l
 booleans, copies of what is read) it is listed in the data report.
 
 What looks like content (docs/data-formats.md, "Keys that are not used"):
-- messages: a message ({role, content} or {from, value}) or a list of them;
+- messages: a message (a speaker key: role, from, speaker, author, and a text key: content, value, text,
+  message) or a list of them;
 - free text: strings of four words or more in at least half of the key's non-empty values, and varied
   (at least half of those differ; one row is varied), or lists holding such strings;
 - a copy is not lost: a value whose every string occurs in what the row's read keys hold (UltraFeedback
@@ -64,8 +65,12 @@ def reads_of(fmt: str, src, raw: list) -> set[str]:
     return set(READS.get(fmt, ()))
 
 
+SPEAKER, SAID = {"role", "from", "speaker", "author"}, {"content", "value", "text", "message"}
+
+
 def _is_message(v: Any) -> bool:
-    return isinstance(v, dict) and (({"role", "content"} <= set(v)) or ({"from", "value"} <= set(v)))
+    """A message: a speaker key (role, from, ...) and a text key (content, value, ...)."""
+    return isinstance(v, dict) and bool(SPEAKER & set(v)) and bool(SAID & set(v))
 
 
 def _strings(v: Any, depth: int = 0) -> list[str]:

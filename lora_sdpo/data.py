@@ -276,11 +276,11 @@ def load_eval_pairs(recipe: LoadedRecipe) -> PairSet | None:
 
 
 def template_markers(tokenizer) -> dict[str, str]:
-    """The model's own chat-template markers: its special tokens that its chat template writes literally."""
+    """The model's own chat-template markers: its special and added tokens that its chat template writes literally."""
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str):
         return {}
-    tokens = getattr(tokenizer, "all_special_tokens", None) or []
+    tokens = [*(getattr(tokenizer, "all_special_tokens", None) or []), *tokenizer.get_added_vocab()]
     return {t: "this model's template" for t in tokens if isinstance(t, str) and len(t) > 2 and t in template}
 
 

@@ -207,7 +207,9 @@ def _walk(node: dict, history: list[dict], key: str, how: str, rows: list[dict],
     if not isinstance(text, str) or role not in ("prompter", "assistant"):
         raise Bad(f"a message of the tree has no text/role (keys {', '.join(map(str, list(node)[:10]))})")
     here = [*history, {"role": "user" if role == "prompter" else "assistant", "content": text}]
-    replies = [r for r in node.get("replies") or [] if isinstance(r, dict)]
+    replies = node.get("replies") or []
+    if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
+        raise Bad("a message of the tree has `replies` that are not a list of messages")
     if role == "prompter":
         ranked = [(r["text"], _number(r.get(key))) for r in replies if isinstance(r.get("text"), str) and r.get("role") == "assistant"]
         ranked = [(t, v) for t, v in ranked if v is not None]
@@ -244,20 +246,32 @@ def group_answers(raw: list, score_key: str) -> list[tuple[int, dict]] | None:
     return list(groups.values())
 
 
+def _is_id(v: Any) -> bool:
+    return isinstance(v, (str, int)) and not isinstance(v, bool)
+
+
 def assemble_trees(raw: list) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]] | None:
     """OpenAssistant's flat export (one message a row: message_id, parent_id, role, text, rank) as trees:
     ([(row of the root, {"prompt": root}), ...], [(row, reason) of messages whose parent is missing]);
     None for rows of another layout. Deleted messages are left out, as in OpenAssistant's ready trees."""
     if not raw or not isinstance(raw[0], dict) or not {"message_id", "parent_id", "role", "text"} <= set(raw[0]):
         return None
-    nodes = {r["message_id"]: {**r, "replies": []} for r in raw if isinstance(r, dict) and not r.get("deleted")}
-    roots, orphans = [], []
+    roots, orphans, nodes = [], [], {}
     for n, r in enumerate(raw, 1):
-        if not isinstance(r, dict) or r.get("deleted") or r.get("message_id") not in nodes:
+        if not isinstance(r, dict):
+            orphans.append((n, "row is not an object"))
+        elif not _is_id(r.get("message_id")):
+            orphans.append((n, "`message_id` is missing or not an id (a string or a number)"))
+        elif not r.get("deleted"):
+            nodes[r["message_id"]] = {**r, "replies": []}
+    for n, r in enumerate(raw, 1):
+        if not isinstance(r, dict) or r.get("deleted") or not _is_id(r.get("message_id")):
             continue
         node, parent = nodes[r["message_id"]], r.get("parent_id")
         if parent is None:
             roots.append((n, {"prompt": node}))
+        elif not _is_id(parent):
+            orphans.append((n, "`parent_id` is not an id (a string or a number)"))
         elif parent in nodes:
             nodes[parent]["replies"].append(node)
         else:
@@ -333,6 +347,8 @@ def _judgment(row: dict, src, rng: random.Random) -> Derived:
 def _arena_turns(row: dict) -> tuple[dict, Any, Any]:
     """LMSYS Arena: prompt, response_a and response_b are lists of turns; a multi-turn row is one dialogue only
     when both sides gave the same earlier answers (they never do when two models talked)."""
+    if "prompt" not in row:
+        raise Bad("`prompt` is missing")
     prompt, a, b = (_cell(row[k], k) for k in ("prompt", "response_a", "response_b"))
     if not isinstance(prompt, list):
         return _prompt(row, "prompt"), a, b

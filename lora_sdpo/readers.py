@@ -65,19 +65,18 @@ def _open_text(path: Path, compression: str | None, newline: str | None = None):
         import importlib
 
         raw = importlib.import_module(compression).open(path, "rb")
-    head = raw.peek(4)[:4]
+    head = raw.peek(4096)[:4096]
     encoding = next((enc for bom, enc in BOMS if head.startswith(bom)), "utf-8-sig")
+    if encoding == "utf-8-sig" and head.count(b"\x00") > len(head) // 4:
+        # NUL bytes are valid UTF-8: without this, UTF-16 text would be read as keys full of NULs
+        raw.close()
+        raise DataError(f"{path}: looks like UTF-16 text without a byte-order mark (every other byte is 0); save it "
+                        f"as UTF-8 (iconv -f UTF-16LE -t UTF-8 {path.name} > utf8-{path.name})")
     return io.TextIOWrapper(raw, encoding=encoding, newline=newline)
 
 
-def _not_utf8(path: Path, compression: str | None, e: UnicodeDecodeError) -> str:
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> str:
     """Why a file is not text lora-sdpo reads, and how to convert it."""
-    if compression is None:
-        with path.open("rb") as f:
-            head = f.read(4096)
-        if head.count(b"\x00") > len(head) // 4:  # every other byte NUL: UTF-16 text without its byte-order mark
-            return (f"{path}: looks like UTF-16 text without a byte-order mark; save it as UTF-8 "
-                    f"(iconv -f UTF-16LE -t UTF-8 {path.name} > utf8-{path.name})")
     return (f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte {e.start} of the text); save it as UTF-8 "
             "(e.g. iconv -f latin1 -t UTF-8), or as UTF-16 with a byte-order mark")
 
@@ -128,7 +127,7 @@ def read_file(path: Path) -> list[dict]:
     except EOFError:
         raise DataError(f"{path}: the compressed file ends early (truncated download?); fetch it again") from None
     except UnicodeDecodeError as e:
-        raise DataError(_not_utf8(path, compression, e)) from None
+        raise DataError(_not_utf8(path, e)) from None
     name = "".join(path.suffixes[-2:]) if compression else path.suffix
     raise DataError(f"{path}: unsupported file type {name!r}; use {READABLE}")
 
