@@ -77,7 +77,7 @@ def _open_text(path: Path, compression: str | None, newline: str | None = None):
 
 def _not_utf8(path: Path, e: UnicodeDecodeError) -> str:
     """Why a file is not text lora-sdpo reads, and how to convert it."""
-    return (f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte {e.start} of the text); save it as UTF-8 "
+    return (f"{path}: not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}, which UTF-8 text cannot); save it as UTF-8 "
             "(e.g. iconv -f latin1 -t UTF-8), or as UTF-16 with a byte-order mark")
 
 

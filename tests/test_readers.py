@@ -93,7 +93,7 @@ def test_utf16_without_a_mark_and_latin1_are_named(tmp_path):
     with pytest.raises(DataError, match=r"looks like UTF-16 text without a byte-order mark \(every other byte is 0\); save it as UTF-8"):
         read_file(tmp_path / "d.csv")
     (tmp_path / "l.csv").write_bytes("prompt,chosen,rejected\nCafé?,a,b\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 0xe9 at byte 27 of the text\)"):
+    with pytest.raises(DataError, match=r"not UTF-8 text \(it holds the byte 0xe9, which UTF-8 text cannot\)"):
         read_file(tmp_path / "l.csv")
 
 
