@@ -26,15 +26,16 @@ from .errors import DataError
 from .formats import READS
 
 # Keys read by each pairs_from layout (its own names, as lora_sdpo/derive.py reads them; the score key is added).
+PARTS = {"input", "system", "history", "tools"}  # derive._prompt: the parts a derived pair's prompt is made of
 RULE_READS = {
-    "ultrafeedback": {"instruction", "completions", "system"},
-    "completions": {"prompt", "completions", "scores", "ranks", "system"},
+    "ultrafeedback": {"instruction", "completions", *PARTS},
+    "completions": {"prompt", "completions", "scores", "ranks", *PARTS},
     "oasst-tree": {"prompt", "text", "role", "replies"},
     "oasst-messages": {"message_id", "parent_id", "role", "text", "deleted"},
-    "alpaca-eval": {"instruction", "input", "output_1", "output_2", "preference", "system"},
-    "arena": {"prompt", "response_a", "response_b", "winner_model_a", "winner_model_b", "winner_tie", "winner", "system"},
+    "alpaca-eval": {"instruction", "output_1", "output_2", "preference", *PARTS},
+    "arena": {"prompt", "response_a", "response_b", "winner_model_a", "winner_model_b", "winner_tie", "winner", *PARTS},
     "arena-conversations": {"conversation_a", "conversation_b", "winner"},
-    "response_a/response_b": {"prompt", "response_a", "response_b", "preference", "system"},
+    "response_a/response_b": {"prompt", "response_a", "response_b", "preference", *PARTS},
 }
 # Keys a layout carries that are content but not part of a pair: known, listed, never refused.
 KNOWN_METADATA = {
@@ -56,11 +57,11 @@ def reads_of(fmt: str, src, raw: list) -> set[str]:
     """The key names (after `columns`) that the format or layout `fmt` ("orca", "arena (judgment)") reads."""
     if src.pairs_from:
         layout = fmt.rsplit(" (", 1)[0]
-        reads = set(RULE_READS.get(layout, ()))
+        reads = set(RULE_READS.get(layout, ())) - {"ranks" if src.pairs_from == "scores" else "scores"}
         reads.add(src.score_key or ("overall_score" if layout == "ultrafeedback" else "rank" if src.pairs_from == "ranking" else "score"))
         first = raw[0] if raw and isinstance(raw[0], dict) else {}
         if src.pairs_from == "scores" and "completions" not in first:  # one answer a row (derive.group_answers)
-            reads |= {"prompt", "system", next((k for k in ANSWER_KEYS if k in first), "response")}
+            reads |= {"prompt", *PARTS, next((k for k in ANSWER_KEYS if k in first), "response")}
         return reads
     return set(READS.get(fmt, ()))
 

@@ -133,10 +133,24 @@ def _scored(row: dict, list_key: str, parallel: str, key: str, notes: list[str] 
     return out
 
 
+PROMPT_PARTS = ("system", "history", "tools")
+
+
 def _prompt(row: dict, key: str) -> dict:
-    out = {"prompt": row[key]}
-    if row.get("system"):
-        out["system"] = row["system"]
+    """The prompt of a derived pair: `key`'s value, Alpaca's `input` joined to it after a blank line (as
+    lora_sdpo/formats.py joins it), and the parts the pair's format reads (system, history, tools)."""
+    out = {"prompt": row.get(key)}
+    extra = row.get("input")
+    if extra is not None and extra != "":
+        if not isinstance(extra, str):
+            raise Bad(f"`input` is {type(extra).__name__}, not a string")
+        if not isinstance(out["prompt"], str):
+            raise Bad(f"`input` can be joined only to a text prompt; `{key}` is {type(out['prompt']).__name__}")
+        if extra.strip():
+            out["prompt"] = f"{out['prompt']}\n\n{extra}"
+    for k in PROMPT_PARTS:
+        if row.get(k) is not None and row.get(k) != "" and row.get(k) != []:
+            out[k] = row[k]
     return out
 
 
@@ -241,7 +255,8 @@ def group_answers(raw: list, score_key: str) -> list[tuple[int, dict]] | None:
         if isinstance(answer, list) and answer and isinstance(answer[-1], dict):  # a completion as messages
             answer = answer[-1].get("content")
         key = json.dumps(r.get("prompt"), sort_keys=True)
-        g = groups.setdefault(key, (n, {"prompt": r.get("prompt"), "completions": [], "system": r.get("system")}))
+        g = groups.setdefault(key, (n, {"prompt": r.get("prompt"), "completions": [],
+                                        **{k: r.get(k) for k in ("input", *PROMPT_PARTS) if k in r}}))
         g[1]["completions"].append({"text": answer if isinstance(answer, str) else "", score_key: r.get(score_key)})
     return list(groups.values())
 
@@ -331,9 +346,7 @@ def _judgment(row: dict, src, rng: random.Random) -> Derived:
         return Derived(layout, tie=True)
     if layout == "alpaca-eval":
         a, b = row["output_1"], row["output_2"]
-        base = _prompt(row, "instruction")
-        if isinstance(row.get("input"), str) and row["input"].strip():  # Alpaca's optional input
-            base["prompt"] = f"{row['instruction']}\n\n{row['input']}"
+        base = _prompt(row, "instruction")  # with Alpaca's optional input
     elif layout == "arena-conversations":
         a, b = row["conversation_a"], row["conversation_b"]
         chosen, rejected = (a, b) if side == "a" else (b, a)
@@ -362,4 +375,4 @@ def _arena_turns(row: dict) -> tuple[dict, Any, Any]:
         raise Bad(f"response_a and response_b differ before their last turn (turn {k + 1} of {len(a)}): "
                   "the two sides answer different dialogues")
     turns = [t for i, q in enumerate(prompt) for t in ([q, a[i]] if i < len(prompt) - 1 else [q])]
-    return {"prompt": turns}, a[-1], b[-1]
+    return {**_prompt({**row, "prompt": None}, "prompt"), "prompt": turns}, a[-1], b[-1]

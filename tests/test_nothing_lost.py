@@ -63,6 +63,11 @@ def test_instruction_and_input_both_in_the_prompt(tmp_path):
     other = [{"q": r["instruction"], "ctx": r["input"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
     got = pairs(tmp_path, other, columns={"prompt": "q", "input": "ctx"})
     assert [p["prompt"] for p in got] == [[w] for w in want]
+    # a judgment file: the answers and a verdict, the prompt mapped from `instruction`; its `input` is read too
+    judged = [{"instruction": r["instruction"], "input": r["input"], "response_a": r["rejected"], "response_b": r["chosen"],
+               "preference": 2} for r in rows]
+    got = pairs(tmp_path, judged, columns={"prompt": "instruction"}, pairs_from="judgment")
+    assert [p["prompt"] for p in got] == [[w] for w in want] and got[0]["chosen"] == [bot(rows[0]["chosen"])]
 
 
 @pytest.mark.parametrize("history", [
