@@ -127,11 +127,11 @@ def check(src, raw: list, fmt: str) -> KeyReport:
     rows = [r for r in raw if isinstance(r, dict)]
     keys = list(dict.fromkeys(k for r in rows for k in r))
     ignore = set(src.ignore or ())
-    rep = KeyReport(used=[k for k in keys if k in used_original], ignored=[k for k in keys if k in ignore])
+    rep = KeyReport(used=[k for k in keys if k in used_original and k not in ignore], ignored=[k for k in keys if k in ignore])
     layout = fmt.rsplit(" (", 1)[0]
     problems = []
     for k in keys:
-        if k in used_original or k in ignore:
+        if k in used_original or k in ignore:  # ignored keys never reach a format (data._normalised drops them)
             continue
         if k in KNOWN_METADATA.get(layout, {}):
             rep.unused[k] = f"metadata: {KNOWN_METADATA[layout][k]}"

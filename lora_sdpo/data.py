@@ -178,6 +178,8 @@ def _normalised(raw: list, src: SourceConfig, seed: int) -> tuple[list[tuple[int
 
     roles = role_table(src.roles)
     out, notes = [], []
+    if src.ignore:  # the source's `ignore`: keys that are not part of a pair, gone before any format reads the row
+        raw = [{k: v for k, v in r.items() if k not in src.ignore} if isinstance(r, dict) else r for r in raw]
     rows = enumerate(raw, 1)
     trees = assemble_trees(raw) if src.pairs_from == "ranking" else None
     if trees is not None:  # one message a row: the trees are the rows, numbered by their root message

@@ -391,6 +391,7 @@ def _to_pair(fmt: str, row: dict) -> dict:
         chosen, rejected = _parts(row["chosen"], "chosen"), _parts(row["rejected"], "rejected")
         if not isinstance(rejected, list):
             raise Bad("`chosen` is a message list but `rejected` is not")
+        _nonempty(chosen, rejected)
         # UltraFeedback binarized: a prompt string and full transcripts that repeat it.
         if isinstance(prompt, str):
             ex = extract_prompt({"chosen": chosen, "rejected": rejected})
@@ -411,6 +412,7 @@ def _to_pair(fmt: str, row: dict) -> dict:
             return ex
         if isinstance(chosen, list) and isinstance(rejected, list):
             chosen, rejected = _parts(chosen, "chosen"), _parts(rejected, "rejected")
+            _nonempty(chosen, rejected)
             short, long_ = sorted((chosen, rejected), key=len)
             if chosen != rejected and long_[: len(short)] == short:
                 raise Bad("one transcript is a prefix of the other, so there is no point where the prompt ends")
@@ -420,6 +422,13 @@ def _to_pair(fmt: str, row: dict) -> dict:
             return ex
         raise Bad("`chosen` and `rejected` must both be strings or both message lists")
     raise Bad("unrecognised format")
+
+
+def _nonempty(chosen: Any, rejected: Any) -> None:
+    """Transcripts TRL's extract_prompt can read: non-empty lists (it fails on an empty one)."""
+    for k, v in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(v, list) or not v:
+            raise Bad(f"`{k}` is {'an empty list' if v == [] else type(v).__name__}, not a transcript (a list of messages)")
 
 
 def _check_pair(pair: dict) -> str | None:

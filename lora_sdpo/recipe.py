@@ -85,8 +85,8 @@ class SourceConfig(_Strict):
         None, description="Keys of the rows that are not part of a pair (ids, sources, the judge's notes); any other key that is "
         "not read and looks like content (messages, free text) stops the run (docs/data-formats.md).")
     templated: Literal["refuse", "verbatim"] = Field(
-        "refuse", description="Prompts already in a chat template (<|im_start|>, [INST], <extra_id_1>, ### Instruction:, the "
-        "model's own markers): refuse them as bad rows, or train on prompt and answers verbatim, without a second template.")
+        "refuse", description="Prompts already in a chat template (ChatML, Llama [INST], NeMo <extra_id_1>, Alpaca ### Instruction:, "
+        "phi-3, the model's own markers): refuse them as bad rows, or train on prompt and answers verbatim, without a second template.")
     roles: dict[str, str] | None = Field(
         None, description="Role names added to the default table (" + table_text() + "), e.g. {narrator = \"system\"}.")
     pairs_from: Literal["scores", "ranking", "judgment"] | None = Field(

@@ -57,6 +57,7 @@ def test_instruction_and_input_both_in_the_prompt(tmp_path):
              "chosen": f"Mouse number {i} was chased by the cat.", "rejected": "No."} for i in range(3)]
     want = [user(f"Rewrite the sentence in the passive voice.\n\nThe cat chased mouse number {i}.") for i in range(3)]
     assert [p["prompt"] for p in pairs(tmp_path, rows)] == [[w] for w in want]  # Alpaca's keys, as they are
+    assert pairs(tmp_path, rows, ignore=["input"])[0]["prompt"] == [user(rows[0]["instruction"])]  # unless ignored
     renamed = [{"task": r["instruction"], "input": r["input"], "good": r["chosen"], "bad": r["rejected"]} for r in rows]
     got = pairs(tmp_path, renamed, columns={"prompt": "task", "chosen": "good", "rejected": "bad"})
     assert [p["prompt"] for p in got] == [[w] for w in want]  # `input` is read beside a mapped prompt, not lost
