@@ -22,7 +22,7 @@ import json
 import random
 from typing import Any
 
-from .formats import Bad
+from .errors import Bad
 
 TEXT_KEYS = ("response", "text", "content", "output", "answer", "completion", "value")
 RULES = ("scores", "ranking", "judgment")

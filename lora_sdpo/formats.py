@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from .errors import Bad
 from .readers import CellError
 from .roles import ROLES, TRAINED, map_role
 
@@ -66,10 +67,6 @@ ACCEPTED = (
     "(chosen_messages, rejected_messages, optional prompt_messages); other key names through `columns = {...}`, "
     "scored, ranked or judged answers through `pairs_from`"
 )
-
-
-class Bad(Exception):
-    """A bad row, with its reason."""
 
 
 def _msg(role: str, content: Any) -> dict:
