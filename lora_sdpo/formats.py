@@ -263,7 +263,10 @@ def _text_of(part: Any) -> str:
 
 
 def templated_problem(pair: dict, markers: dict[str, str] = TEMPLATE_MARKERS) -> str | None:
-    """A prompt that already holds chat-template markers would be wrapped in the model's template a second time."""
+    """A prompt that already holds chat-template markers would be wrapped in the model's template a second time.
+    A pair of strings (TRL's string format) gets no template: its text is trained on as it is."""
+    if not isinstance(pair.get("prompt"), list):
+        return None
     text = _text_of(pair["prompt"])
     found = [m for m in markers if m in text]
     if not found:

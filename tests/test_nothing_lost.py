@@ -290,6 +290,15 @@ def test_templated_prompt_kept_verbatim_without_a_second_template(tmp_path):
     assert "<|user|>" not in pico_tokenizer().decode(t["prompt_ids"])
 
 
+def test_templated_transcripts_without_roles_stay_text(tmp_path):
+    """Full string transcripts (implicit prompt) are TRL's string format: no template is applied, nothing is wrapped."""
+    rows = [{"chosen": f"<|im_start|>user\nQ{i}?<|im_end|>\n<|im_start|>assistant\nA{i}.<|im_end|>",
+             "rejected": f"<|im_start|>user\nQ{i}?<|im_end|>\n<|im_start|>assistant\nNo.<|im_end|>"} for i in range(2)]
+    got = pairs(tmp_path, rows)
+    assert got[0] == {"prompt": "<|im_start|>user\nQ0?<|im_end|>\n<|im_start|>assistant\n", "chosen": "A0.<|im_end|>",
+                      "rejected": "No.<|im_end|>"}
+
+
 def test_the_models_own_markers_are_refused(tmp_path):
     rows = [{"prompt": f"<|user|>\nWhat is {i}?<|end|>\n<|assistant|>\n", "chosen": "x", "rejected": "y"} for i in range(2)]
     with pytest.raises(DataError, match="phi-3"):  # a known format's markers: named without the model
