@@ -441,3 +441,25 @@ def test_mutated_rows_of_every_format_give_a_pair_a_bad_row_or_a_data_error(tmp_
         assert res.exit_code in (0, 2) and (res.exception is None or isinstance(res.exception, SystemExit)), (where, res.output)
         assert "Traceback" not in res.output
     assert outcomes["pairs"] and outcomes["DataError"]  # both outcomes occur: the mutations reach the checks
+
+
+def test_mutated_csv_text_gives_pairs_bad_rows_or_a_data_error(tmp_path):
+    """Seeded: 60 CSV/TSV files with separators, quotes, brackets and line breaks inserted at random places. Every
+    row is a pair or a named bad row, or the file is refused with a DataError naming it; never another exception."""
+    rng = random.Random(32)
+    good = "prompt,chosen,rejected\n" + "".join(f"Question {i}?,Answer {i}.,Wrong {i}.\n" for i in range(5))
+    for c in range(60):
+        sep = "\t" if c % 2 else ","
+        text = list(good.replace(",", sep))
+        for _ in range(1 + rng.randrange(3)):
+            text.insert(rng.randrange(len(text)), rng.choice([sep, '"', "\n", "[", '{"', '["', "\x00", "\r"]))
+        f = tmp_path / f"m{c}{'.tsv' if c % 2 else '.csv'}"
+        f.write_text("".join(text))
+        try:
+            ps = load(f)
+        except DataError as e:
+            assert str(f) in str(e)
+            continue
+        rep = ps.reports[0]
+        assert rep.used + len(rep.bad) + len(rep.duplicates) == rep.total
+        assert all(isinstance(why, str) and why for _, why in rep.bad)
