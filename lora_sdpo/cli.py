@@ -326,6 +326,8 @@ def plan(recipe, overrides, num_processes):
 @click.argument("source")
 @click.option("--step", type=int, help="For a RECIPE.toml: the step whose data to show (default: every step).")
 @click.option("--columns", metavar="NAME=KEY,...", help="The rows' own key names, e.g. prompt=context,chosen=answer_w,rejected=answer_l.")
+@click.option("--ignore", metavar="KEY,...", help="Keys of the rows that are not part of a pair (ids, sources, notes); see the row contract in docs/data-formats.md.")
+@click.option("--templated", type=click.Choice(["refuse", "verbatim"]), help="Prompts already in a chat template: refuse them (default) or use them verbatim.")
 @click.option("--pairs-from", type=click.Choice(["scores", "ranking", "judgment"]), help="Build pairs from scored, ranked or judged answers.")
 @click.option("--score-key", help="With --pairs-from: the key of each answer's score or rank.")
 @click.option("--pick-rejected", type=click.Choice(["lowest", "random"]), help="With --pairs-from scores: which lower answer is rejected.")
@@ -333,12 +335,13 @@ def plan(recipe, overrides, num_processes):
 @click.option("--split", default="train", show_default=True, help="The split of a saved DatasetDict folder.")
 @click.option("--rows", type=click.IntRange(min=0), help="Pairs to show (default: 5; with --json: all).")
 @click.option("--json", "as_json", is_flag=True, help="One pair per line as JSON on stdout (the counts go to stderr).")
-def data(source, step, columns, pairs_from, score_key, pick_rejected, ranking_pairs, split, rows, as_json):
+def data(source, step, columns, ignore, templated, pairs_from, score_key, pick_rejected, ranking_pairs, split, rows, as_json):
     """The pairs of SOURCE (a data file, a save_to_disk folder, or RECIPE.toml [--step T]) exactly as training reads them."""
     from .preview import json_line, pair_lines, previews, report_lines
 
     rule = {k: v for k, v in (("score_key", score_key), ("pick_rejected", pick_rejected), ("ranking_pairs", ranking_pairs)) if v}
-    shown = previews(source, step=step, columns=columns, pairs_from=pairs_from, split=split, rule=rule)
+    shown = previews(source, step=step, columns=columns, pairs_from=pairs_from, split=split, rule=rule, ignore=ignore,
+                     templated=templated)
     limit = rows if rows is not None else (None if as_json else 5)
     for p in shown:
         click.echo("\n".join(report_lines(p)), err=as_json)

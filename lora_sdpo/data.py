@@ -5,88 +5,23 @@ row numbers, never silently dropped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .audit import audit
-from .derive import EXPECTED, RULES, assemble_trees, derive, group_answers, layout_of
+from .contract import check as check_keys
+from .derive import EXPECTED, RULES, _number, assemble_trees, derive, group_answers, layout_of
 from .errors import DataError
-from .formats import ACCEPTED, FORMAT_KEYS, Bad, apply_columns, detect_format, normalise, split_inside  # noqa: F401
-from .readers import CellError, json_rows, read_file, read_source  # noqa: F401
+from .pairset import PairSet, SourceReport, bad_rows_text  # noqa: F401  (data.PairSet: where callers import it)
+from .formats import ACCEPTED, FORMAT_KEYS, Bad, apply_columns, detect_format, normalise, split_inside, templated_problem  # noqa: F401
+from .readers import BadRow, CellError, json_rows, read_file, read_source  # noqa: F401
 from .recipe import LoadedRecipe, RunConfig, SourceConfig
 from .roles import role_table
 from .rundir import atomic_write_bytes_if_changed
 from .splits import apply_split
-
-
-@dataclass
-class SourceReport:
-    label: str
-    total: int = 0
-    used: int = 0
-    formats: Counter = field(default_factory=Counter)
-    bad: list[tuple[int, str]] = field(default_factory=list)  # (1-based row, reason)
-    duplicates: list[int] = field(default_factory=list)
-    ties: list[int] = field(default_factory=list)  # rows whose answers pairs_from could not order
-    inside: list[int] = field(default_factory=list)  # rows whose common-prefix split falls inside a word or line
-
-    def summary(self) -> str:
-        parts = [f"{self.label}: {self.used} pairs used of {self.total} rows"]
-        if self.bad:
-            parts.append(f"{len(self.bad)} bad dropped ({bad_rows_text(self.bad)})")
-        if self.duplicates:
-            parts.append(f"{len(self.duplicates)} exact duplicates dropped (rows {_list_text(self.duplicates)})")
-        if self.ties:
-            parts.append(f"{len(self.ties)} ties dropped (rows {_list_text(self.ties)})")
-        if self.inside:
-            parts.append(f"warning: in {len(self.inside)} pairs the prompt/answer split falls inside a word or line "
-                         f"(rows {_list_text(self.inside)}): the shared start of both answers went into the prompt; "
-                         "give the prompt its own column (`prompt`, or `columns = {prompt = ...}`)")
-        return "; ".join(parts)
-
-    @property
-    def notable(self) -> bool:
-        """Something was dropped or looks wrong: worth a line in the run's log."""
-        return bool(self.bad or self.duplicates or self.ties or self.inside)
-
-
-def _list_text(rows: list[int], n: int = 8) -> str:
-    head = ", ".join(str(r) for r in rows[:n])
-    return head + (f", ... {len(rows) - n} more" if len(rows) > n else "")
-
-
-def bad_rows_text(bad: list[tuple[int, str]], n: int = 5) -> str:
-    """Bad rows grouped by reason, the most common first: "5 rows: chosen == rejected (rows 87, 517, ...)"."""
-    groups: dict[str, list[int]] = {}
-    for r, why in bad:
-        groups.setdefault(why, []).append(r)
-    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))  # stable: first seen first among equals
-    parts = [f"row {rows[0]}: {why}" if len(rows) == 1 else f"{len(rows)} rows: {why} (rows {_list_text(rows)})"
-             for why, rows in ordered[:n]]
-    rest = sum(len(rows) for _, rows in ordered[n:])
-    return "; ".join(parts) + (f"; ... {rest} more rows for {len(ordered) - n} other reasons" if rest else "")
-
-
-# ----------------------------------------------------------------------------- steps
-
-
-@dataclass
-class PairSet:
-    """The normalised pairs of one step (or of the eval data) and what was dropped on the way."""
-
-    rows: list[dict]  # pair + {"source": label, "row": 1-based row number}
-    reports: list[SourceReport]
-
-    @property
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for r in self.rows:
-            h.update(json.dumps(r, sort_keys=True).encode())
-        return h.hexdigest()
 
 
 def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad_fraction: float) -> PairSet:
@@ -98,11 +33,14 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad
         if rep.total == 0:
             raise DataError(f"{src.label}: has no rows")
         _check_columns(src, raw)
-        results = _normalised(raw, src, seed)
+        results, notes = _normalised(raw, src, seed)
         rep.formats.update(fmt for _, fmt, _, _ in results if fmt not in ("unknown", "tie"))
         if not rep.formats:
             raise DataError(_unknown(src, raw, results))
         main_fmt = rep.formats.most_common(1)[0][0]
+        rep.keys = check_keys(src, raw, main_fmt)
+        for n, why in notes:
+            rep.notes.setdefault(why, []).append(n)
         seen: set[str] = set()
         valid = 0
         for n, fmt, pair, problem in results:
@@ -125,6 +63,8 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad
                 if fmt == "implicit" and split_inside(pair):
                     rep.inside.append(n)
                 rows.append({**pair, "source": src.label, "row": n})
+                if not src.pairs_from and (tie := _score_tie(raw[n - 1])):
+                    rep.score_ties.setdefault(tie, []).append(n)
                 rep.used += 1
         if len(rep.formats) > 1:
             fmts = ", ".join(f"{k} ({v} rows)" for k, v in rep.formats.most_common())
@@ -144,11 +84,29 @@ def load_pairs(sources: list[SourceConfig], recipe: LoadedRecipe | None, max_bad
     return PairSet(rows=rows, reports=reports)
 
 
-def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str, dict | None, str | None]]:
-    """(row number, format, pair, problem) for each pair of each row; format "tie" for a row pairs_from dropped."""
+SCORE_KEYS = [("score_chosen", "score_rejected"), ("chosen-rating", "rejected-rating"), ("chosen_rating", "rejected_rating"),
+              ("chosen_score", "rejected_score"), ("chosen-score", "rejected-score")]
+
+
+def _score_tie(row: Any) -> str | None:
+    """A pair whose own scores are equal ("score_chosen == score_rejected"), under the row or its `metadata`."""
+    for d in (row, row.get("metadata")) if isinstance(row, dict) else ():
+        if isinstance(d, dict):
+            for a, b in SCORE_KEYS:
+                x, y = _number(d.get(a)), _number(d.get(b))
+                if x is not None and x == y:
+                    return f"{a} equals {b}"
+    return None
+
+
+def _normalised(raw: list, src: SourceConfig, seed: int) -> tuple[list[tuple[int, str, dict | None, str | None]], list[tuple[int, str]]]:
+    """(row number, format, pair, problem) for each pair of each row, format "tie" for a row pairs_from dropped;
+    and (row number, note) for what pairs_from dropped or chose in a row."""
 
     roles = role_table(src.roles)
-    out = []
+    out, notes = [], []
+    if src.ignore:  # the source's `ignore`: keys that are not part of a pair, gone before any format reads the row
+        raw = [{k: v for k, v in r.items() if k not in src.ignore} if isinstance(r, dict) else r for r in raw]
     rows = enumerate(raw, 1)
     trees = assemble_trees(raw) if src.pairs_from == "ranking" else None
     if trees is not None:  # one message a row: the trees are the rows, numbered by their root message
@@ -159,10 +117,13 @@ def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str,
         rows = grouped
     for n, r in rows:
         fmt = "?"
+        if isinstance(r, BadRow):  # a line of a flat file that does not fit its header
+            out.append((n, "?", None, str(r)))
+            continue
         try:
             r = apply_columns(r, src.columns)
             if not src.pairs_from:
-                fmt, pair, problem = normalise(r, roles)
+                fmt, pair, problem = normalise(r, roles, src.templated)
                 if isinstance(r, dict) and any(isinstance(v, CellError) for v in r.values()):
                     fmt = "?"  # a cell that did not parse: the row's format is that of the rows around it
                 out.append((n, fmt, pair, problem))
@@ -176,36 +137,40 @@ def _normalised(raw: list, src: SourceConfig, seed: int) -> list[tuple[int, str,
             else:
                 out.append((n, fmt, None, str(e)))
             continue
+        notes += [(n, why) for why in dict.fromkeys(got.notes)]
         if got.tie:
             out.append((n, "tie", None, None))
         for d in got.rows:
-            _, pair, problem = normalise(d, roles)
+            _, pair, problem = normalise(d, roles, src.templated)
             out.append((n, fmt, pair, problem))
     # a row that failed before its format was known (a mapped key missing, a rule's data wrong) counts as the
     # format of the rows around it
     layouts = Counter(fmt for _, fmt, _, _ in out if fmt not in ("unknown", "tie", "?"))
     main = layouts.most_common(1)[0][0] if layouts else "unknown"
-    return sorted(((n, main if fmt == "?" else fmt, p, why) for n, fmt, p, why in out), key=lambda x: x[0])
+    return sorted(((n, main if fmt == "?" else fmt, p, why) for n, fmt, p, why in out), key=lambda x: x[0]), notes
 
 
 def _check_columns(src: SourceConfig, raw: list) -> None:
-    """A mapped key that no row has is a mistake in the mapping, not a column of bad rows."""
+    """A mapped or ignored key that no row has is a mistake in the mapping, not a column of bad rows."""
     for k, v in (src.columns or {}).items():
         if k in ("role", "content"):
             continue
         if not any(isinstance(r, dict) and v in r for r in raw):
             raise DataError(f"{src.label}: columns.{k} = {v!r}, but no row has the key {v!r}; {_first_keys(raw)}")
+    for k in src.ignore or ():
+        if not any(isinstance(r, dict) and k in r for r in raw):
+            raise DataError(f"{src.label}: ignore lists {k!r}, but no row has that key; {_first_keys(raw)}")
 
 
 def _unknown(src: SourceConfig, raw: list, results: list) -> str:
 
-    first = raw[0]
+    first = next((r for r in raw if not isinstance(r, BadRow)), raw[0])
     keys = set(first) if isinstance(first, dict) else set()
     if src.pairs_from:
         return (f"{src.label}: pairs_from = \"{src.pairs_from}\" reads {EXPECTED[src.pairs_from]}; {_first_keys(raw)}. "
                 "Map the keys with `columns = {...}`" + (f" (row 1: {results[0][3]})" if results[0][1] != "unknown" else ""))
     unpaired = [k for k in ("label", "is_desirable", "is_safe", "kto_tag") if k in keys]
-    if unpaired and keys & {"completion", "response", "output", "answer", "chosen", "rejected"}:
+    if unpaired and keys & {"completion", "response", "output", "answer", "chosen", "rejected", "messages", "conversations"}:
         prompts = {json.dumps(r.get("prompt"), sort_keys=True) for r in raw if isinstance(r, dict)}
         how = (f"pairs_from = \"scores\" with score_key = \"{unpaired[0]}\" pairs the answers of each prompt "
                f"({len(prompts)} prompts in {len(raw)} rows)" if "prompt" in keys and len(prompts) < len(raw) else
@@ -220,7 +185,7 @@ def _unknown(src: SourceConfig, raw: list, results: list) -> str:
 
 
 def _first_keys(raw: list, n: int = 10) -> str:
-    first = raw[0]
+    first = next((r for r in raw if not isinstance(r, BadRow)), raw[0])
     if not isinstance(first, dict):
         return f"row 1 is a JSON {type(first).__name__}, not an object of fields"
     keys = list(map(str, first))
@@ -237,6 +202,43 @@ def load_eval_pairs(recipe: LoadedRecipe) -> PairSet | None:
     if not recipe.recipe.data.eval:
         return None
     return load_pairs(recipe.recipe.data.eval, recipe, recipe.recipe.data.max_bad_fraction)
+
+
+def template_markers(tokenizer) -> dict[str, str]:
+    """The model's own chat-template markers: its special and added tokens that its chat template writes literally."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return {}
+    tokens = [*(getattr(tokenizer, "all_special_tokens", None) or []), *tokenizer.get_added_vocab()]
+    return {t: "this model's template" for t in tokens if isinstance(t, str) and len(t) > 2 and t in template}
+
+
+def takes_tools(tokenizer) -> bool:
+    """Whether the model's chat template renders `tools` (a template that ignores them gives the same text)."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    tool = [{"type": "function", "function": {"name": "probe_tool_name", "description": "d", "parameters": {"type": "object", "properties": {}}}}]
+    try:
+        plain = tokenizer.apply_chat_template(msgs, tokenize=False)
+        with_tools = tokenizer.apply_chat_template(msgs, tools=tool, tokenize=False)
+    except Exception:  # a template that raises on tools does not take them
+        return False
+    return plain != with_tools
+
+
+def check_with_tokenizer(pairs: PairSet, tokenizer) -> None:
+    """What needs the model's tokenizer: `tools` need a chat template that renders them, and a prompt that holds the
+    model's own template markers would be wrapped twice."""
+    with_tools = [r for r in pairs.rows if r.get("tools")]
+    if with_tools and not takes_tools(tokenizer):
+        where = ", ".join(f"{r['source']} row {r['row']}" for r in with_tools[:3])
+        raise DataError(f"{len(with_tools)} pairs carry `tools` ({where}), but this model's chat template takes no tools "
+                        "(it renders the same text with and without them), so the model would never see them: use a model "
+                        "whose template renders tools, or list the key in the source's ignore = [...]")
+    own = template_markers(tokenizer)
+    templated = [(r, why) for r in pairs.rows if not isinstance(r["chosen"], str) and (why := templated_problem(r, own))]
+    if templated:
+        where = ", ".join(f"{r['source']} row {r['row']}" for r, _ in templated[:3])
+        raise DataError(f"{len(templated)} pairs ({where}): {templated[0][1]}")
 
 
 def drop_overlong(pairs: PairSet, tokenizer, max_length: int, max_bad_fraction: float) -> tuple[PairSet, list[int]]:
@@ -280,7 +282,9 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
     frac = recipe.recipe.data.max_bad_fraction
     steps, overlong = [], []
     for i in range(len(recipe.recipe.steps)):
-        ps, dropped = drop_overlong(load_step_pairs(recipe, i), tokenizer, t.max_length, frac)
+        ps = load_step_pairs(recipe, i)
+        check_with_tokenizer(ps, tokenizer)
+        ps, dropped = drop_overlong(ps, tokenizer, t.max_length, frac)
         if not ps.rows:
             raise DataError(f"step {i + 1}: no pairs left after dropping bad rows; check its sources")
         steps.append(ps)
@@ -289,6 +293,7 @@ def prepare_run_data(recipe: LoadedRecipe, tokenizer, score=None) -> RunData:
     steps = apply_split(d.split, steps, d.fractions, recipe.recipe.run.seed, score)
     ev = load_eval_pairs(recipe)
     if ev is not None:
+        check_with_tokenizer(ev, tokenizer)
         ev, _ = drop_overlong(ev, tokenizer, t.max_length, frac)
     found = audit([ps.rows for ps in steps], ev.rows if ev else None, d.allow_eval_overlap)
     found.check()  # a held-out set that overlaps the steps is refused here, before anything is written
@@ -306,9 +311,11 @@ def tokenize_pair(row: dict, tokenizer) -> dict:
     from trl.data_utils import _tokenize, common_prefix_length
 
     if isinstance(row["chosen"], list):
-        prompt = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
-        chosen = _tokenize(tokenizer, row["prompt"] + row["chosen"])["input_ids"]
-        rejected = _tokenize(tokenizer, row["prompt"] + row["rejected"])["input_ids"]
+        tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
+        kw = {"tools": tools} if tools else {}  # as TRL's DPOTrainer passes a row's `tools` to the chat template
+        prompt = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True, **kw)["input_ids"]
+        chosen = _tokenize(tokenizer, row["prompt"] + row["chosen"], **kw)["input_ids"]
+        rejected = _tokenize(tokenizer, row["prompt"] + row["rejected"], **kw)["input_ids"]
     else:  # standard strings: TRL appends EOS to the completions
         eos = tokenizer.eos_token
         c = row["chosen"] if row["chosen"].endswith(eos) else row["chosen"] + eos

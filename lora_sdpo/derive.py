@@ -22,17 +22,18 @@ import json
 import random
 from typing import Any
 
-from .formats import Bad
+from .errors import Bad
 
 TEXT_KEYS = ("response", "text", "content", "output", "answer", "completion", "value")
 RULES = ("scores", "ranking", "judgment")
 
 
 class Derived:
-    """What one row gave: the layout recognised, the pair rows, and whether it was a tie."""
+    """What one row gave: the layout recognised, the pair rows, whether it was a tie, and what the rule dropped
+    or chose in it (counted by reason in the data report)."""
 
-    def __init__(self, layout: str, rows: list[dict] | None = None, tie: bool = False):
-        self.layout, self.rows, self.tie = layout, rows or [], tie
+    def __init__(self, layout: str, rows: list[dict] | None = None, tie: bool = False, notes: list[str] | None = None):
+        self.layout, self.rows, self.tie, self.notes = layout, rows or [], tie, notes or []
 
 
 def derive(row: Any, rule: str, src, seed: int, n: int) -> Derived:
@@ -106,8 +107,9 @@ def _number(v: Any) -> float | None:
     return None
 
 
-def _scored(row: dict, list_key: str, parallel: str, key: str) -> list[tuple[str, float]]:
-    """(text, value) of every answer that has a numeric value, in the row's order."""
+def _scored(row: dict, list_key: str, parallel: str, key: str, notes: list[str] | None = None) -> list[tuple[str, float]]:
+    """(text, value) of every answer that has a numeric value, in the row's order; the answers left out (no
+    value, empty text) are noted."""
     items = row[list_key]
     if isinstance(items, str):
         try:
@@ -124,15 +126,31 @@ def _scored(row: dict, list_key: str, parallel: str, key: str) -> list[tuple[str
     else:
         pairs = [(_text(x, f"{list_key}[{i}]"), x.get(key) if isinstance(x, dict) else None) for i, x in enumerate(items)]
     out = [(t, v) for t, v in ((t, _number(v)) for t, v in pairs) if v is not None and t.strip()]
+    if notes is not None and len(out) < len(pairs):
+        notes.append(f"answers without a numeric `{key if parallel not in row else parallel}` or without text left out")
     if len(out) < 2:
         raise Bad(f"fewer than two answers in `{list_key}` with a numeric `{key if parallel not in row else parallel}`")
     return out
 
 
+PROMPT_PARTS = ("system", "history", "tools")
+
+
 def _prompt(row: dict, key: str) -> dict:
-    out = {"prompt": row[key]}
-    if row.get("system"):
-        out["system"] = row["system"]
+    """The prompt of a derived pair: `key`'s value, Alpaca's `input` joined to it after a blank line (as
+    lora_sdpo/formats.py joins it), and the parts the pair's format reads (system, history, tools)."""
+    out = {"prompt": row.get(key)}
+    extra = row.get("input")
+    if extra is not None and extra != "":
+        if not isinstance(extra, str):
+            raise Bad(f"`input` is {type(extra).__name__}, not a string")
+        if not isinstance(out["prompt"], str):
+            raise Bad(f"`input` can be joined only to a text prompt; `{key}` is {type(out['prompt']).__name__}")
+        if extra.strip():
+            out["prompt"] = f"{out['prompt']}\n\n{extra}"
+    for k in PROMPT_PARTS:
+        if row.get(k) is not None and row.get(k) != "" and row.get(k) != []:
+            out[k] = row[k]
     return out
 
 
@@ -142,15 +160,24 @@ def _scores(row: dict, src, rng: random.Random) -> Derived:
         raise Bad("unknown")
     ultra = layout == "ultrafeedback"
     key = src.score_key or ("overall_score" if ultra else "score")
-    answers = _scored(row, "completions", "scores", key)
+    notes: list[str] = []
+    answers = _scored(row, "completions", "scores", key, notes)
     best = max(v for _, v in answers)
     chosen = next(t for t, v in answers if v == best)
     lower = [(t, v) for t, v in answers if v < best]
     if not lower:
-        return Derived(layout, tie=True)
+        return Derived(layout, tie=True, notes=notes)
+    if sum(v == best for _, v in answers) > 1:
+        notes.append("several answers share the top score: the first is chosen")
     pick = src.pick_rejected or ("random" if ultra else "lowest")
+    if pick == "random" and len(lower) > 1:
+        notes.append("rejected drawn at random (seeded) among the lower-scored answers")
+    elif pick == "lowest" and sum(v == min(x for _, x in lower) for _, v in lower) > 1:
+        notes.append("several answers share the lowest score: the first is rejected")
     rejected = rng.choice(lower)[0] if pick == "random" else min(lower, key=lambda tv: tv[1])[0]
-    return Derived(layout, [{**_prompt(row, "instruction" if ultra else "prompt"), "chosen": chosen, "rejected": rejected}])
+    if len(answers) > 2 and pick == "lowest":
+        notes.append("answers between the highest and the lowest score not used")
+    return Derived(layout, [{**_prompt(row, "instruction" if ultra else "prompt"), "chosen": chosen, "rejected": rejected}], notes=notes)
 
 
 def _ranked_pairs(ranked: list[tuple[Any, float]], how: str) -> tuple[list[tuple[Any, Any]], bool]:
@@ -177,10 +204,14 @@ def _ranking(row: dict, src, rng: random.Random) -> Derived:
         if not rows:
             raise Bad("no prompter message in the tree has two or more ranked replies")
         return Derived(layout, rows)
-    pairs, tie = _ranked_pairs(_scored(row, "completions", "ranks", src.score_key or "rank"), how)
+    notes: list[str] = []
+    ranked = _scored(row, "completions", "ranks", src.score_key or "rank", notes)
+    pairs, tie = _ranked_pairs(ranked, how)
     if tie:
-        return Derived(layout, tie=True)
-    return Derived(layout, [{**_prompt(row, "prompt"), "chosen": a, "rejected": b} for a, b in pairs])
+        return Derived(layout, tie=True, notes=notes)
+    if how != "adjacent" and len(ranked) > 2:
+        notes.append("answers ranked between the best and the worst not used (ranking_pairs = \"best_worst\")")
+    return Derived(layout, [{**_prompt(row, "prompt"), "chosen": a, "rejected": b} for a, b in pairs], notes=notes)
 
 
 def _walk(node: dict, history: list[dict], key: str, how: str, rows: list[dict], ties: list[int]) -> None:
@@ -190,7 +221,9 @@ def _walk(node: dict, history: list[dict], key: str, how: str, rows: list[dict],
     if not isinstance(text, str) or role not in ("prompter", "assistant"):
         raise Bad(f"a message of the tree has no text/role (keys {', '.join(map(str, list(node)[:10]))})")
     here = [*history, {"role": "user" if role == "prompter" else "assistant", "content": text}]
-    replies = [r for r in node.get("replies") or [] if isinstance(r, dict)]
+    replies = node.get("replies") or []
+    if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
+        raise Bad("a message of the tree has `replies` that are not a list of messages")
     if role == "prompter":
         ranked = [(r["text"], _number(r.get(key))) for r in replies if isinstance(r.get("text"), str) and r.get("role") == "assistant"]
         ranked = [(t, v) for t, v in ranked if v is not None]
@@ -222,9 +255,14 @@ def group_answers(raw: list, score_key: str) -> list[tuple[int, dict]] | None:
         if isinstance(answer, list) and answer and isinstance(answer[-1], dict):  # a completion as messages
             answer = answer[-1].get("content")
         key = json.dumps(r.get("prompt"), sort_keys=True)
-        g = groups.setdefault(key, (n, {"prompt": r.get("prompt"), "completions": [], "system": r.get("system")}))
+        g = groups.setdefault(key, (n, {"prompt": r.get("prompt"), "completions": [],
+                                        **{k: r.get(k) for k in ("input", *PROMPT_PARTS) if k in r}}))
         g[1]["completions"].append({"text": answer if isinstance(answer, str) else "", score_key: r.get(score_key)})
     return list(groups.values())
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, (str, int)) and not isinstance(v, bool)
 
 
 def assemble_trees(raw: list) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]] | None:
@@ -233,14 +271,22 @@ def assemble_trees(raw: list) -> tuple[list[tuple[int, dict]], list[tuple[int, s
     None for rows of another layout. Deleted messages are left out, as in OpenAssistant's ready trees."""
     if not raw or not isinstance(raw[0], dict) or not {"message_id", "parent_id", "role", "text"} <= set(raw[0]):
         return None
-    nodes = {r["message_id"]: {**r, "replies": []} for r in raw if isinstance(r, dict) and not r.get("deleted")}
-    roots, orphans = [], []
+    roots, orphans, nodes = [], [], {}
     for n, r in enumerate(raw, 1):
-        if not isinstance(r, dict) or r.get("deleted") or r.get("message_id") not in nodes:
+        if not isinstance(r, dict):
+            orphans.append((n, "row is not an object"))
+        elif not _is_id(r.get("message_id")):
+            orphans.append((n, "`message_id` is missing or not an id (a string or a number)"))
+        elif not r.get("deleted"):
+            nodes[r["message_id"]] = {**r, "replies": []}
+    for n, r in enumerate(raw, 1):
+        if not isinstance(r, dict) or r.get("deleted") or not _is_id(r.get("message_id")):
             continue
         node, parent = nodes[r["message_id"]], r.get("parent_id")
         if parent is None:
             roots.append((n, {"prompt": node}))
+        elif not _is_id(parent):
+            orphans.append((n, "`parent_id` is not an id (a string or a number)"))
         elif parent in nodes:
             nodes[parent]["replies"].append(node)
         else:
@@ -300,9 +346,7 @@ def _judgment(row: dict, src, rng: random.Random) -> Derived:
         return Derived(layout, tie=True)
     if layout == "alpaca-eval":
         a, b = row["output_1"], row["output_2"]
-        base = _prompt(row, "instruction")
-        if isinstance(row.get("input"), str) and row["input"].strip():  # Alpaca's optional input
-            base["prompt"] = f"{row['instruction']}\n\n{row['input']}"
+        base = _prompt(row, "instruction")  # with Alpaca's optional input
     elif layout == "arena-conversations":
         a, b = row["conversation_a"], row["conversation_b"]
         chosen, rejected = (a, b) if side == "a" else (b, a)
@@ -316,6 +360,8 @@ def _judgment(row: dict, src, rng: random.Random) -> Derived:
 def _arena_turns(row: dict) -> tuple[dict, Any, Any]:
     """LMSYS Arena: prompt, response_a and response_b are lists of turns; a multi-turn row is one dialogue only
     when both sides gave the same earlier answers (they never do when two models talked)."""
+    if "prompt" not in row:
+        raise Bad("`prompt` is missing")
     prompt, a, b = (_cell(row[k], k) for k in ("prompt", "response_a", "response_b"))
     if not isinstance(prompt, list):
         return _prompt(row, "prompt"), a, b
@@ -329,4 +375,4 @@ def _arena_turns(row: dict) -> tuple[dict, Any, Any]:
         raise Bad(f"response_a and response_b differ before their last turn (turn {k + 1} of {len(a)}): "
                   "the two sides answer different dialogues")
     turns = [t for i, q in enumerate(prompt) for t in ([q, a[i]] if i < len(prompt) - 1 else [q])]
-    return {"prompt": turns}, a[-1], b[-1]
+    return {**_prompt({**row, "prompt": None}, "prompt"), "prompt": turns}, a[-1], b[-1]

@@ -44,3 +44,9 @@ class GGUFError(RunError):
 
 class TrainingDiverged(RunError):
     """The loss became NaN or inf; the message names the step and optimizer step."""
+
+
+class Bad(Exception):
+    """A bad row, with its reason: never shown as an error of its own, but reported by source and row number and
+    dropped (up to data.max_bad_fraction). Raised by the stages of the data path (lora_sdpo/formats.py,
+    lora_sdpo/derive.py), so that none of them needs another's module for it."""

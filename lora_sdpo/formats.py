@@ -10,14 +10,17 @@ TRL's own hh-rlhf dataset script converts them. Roles are mapped by lora_sdpo/ro
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
+from .errors import Bad
 from .readers import CellError
 from .roles import ROLES, TRAINED, map_role
 
 # `columns = {...}` of a source: the names a row's keys can be mapped to
-COLUMNS = ("prompt", "chosen", "rejected", "system", "question", "conversations", "prompt_messages",
+COLUMNS = ("prompt", "chosen", "rejected", "system", "question", "instruction", "input", "history", "tools",
+           "conversations", "prompt_messages",
            "chosen_messages", "rejected_messages", "completions", "scores", "ranks", "response_a", "response_b",
            "winner", "preference", "role", "content")
 
@@ -26,23 +29,44 @@ FORMAT_KEYS = {
     "openai": ("input", "preferred_output", "non_preferred_output"),
     "sharegpt": ("conversations", "chosen", "rejected"),
     "orca": ("question", "chosen", "rejected"),
+    "alpaca": ("instruction", "chosen", "rejected"),
     "conversational": ("prompt", "chosen", "rejected"),
     "standard": ("prompt", "chosen", "rejected"),
     "hh": ("chosen", "rejected"),
     "implicit": ("chosen", "rejected"),
 }
 
+# The keys each format reads: its own (FORMAT_KEYS) and the prompt parts it joins to them. A key of a row that
+# is in none of these, nor mapped, known metadata or ignored, is checked by lora_sdpo/contract.py.
+PARTS = ("system", "history", "tools")
+READS = {
+    "messages": {"chosen_messages", "rejected_messages", "prompt_messages", *PARTS},
+    "openai": {"input", "preferred_output", "non_preferred_output", "tools"},
+    "sharegpt": {"conversations", "chosen", "rejected", *PARTS},
+    "orca": {"question", "chosen", "rejected", "input", *PARTS},
+    "alpaca": {"instruction", "chosen", "rejected", "input", *PARTS},
+    "conversational": {"prompt", "chosen", "rejected", *PARTS},
+    "standard": {"prompt", "chosen", "rejected", "input", *PARTS},
+    "hh": {"chosen", "rejected"},
+    "implicit": {"chosen", "rejected"},
+}
+
+# Chat-template markers of well-known formats: a prompt that holds one was rendered for some model already.
+TEMPLATE_MARKERS = {
+    "<|im_start|>": "ChatML", "<|im_end|>": "ChatML", "[INST]": "Llama 2 / Mistral", "<<SYS>>": "Llama 2",
+    "<|start_header_id|>": "Llama 3", "<|eot_id|>": "Llama 3", "<|user|>": "phi-3 / Zephyr",
+    "<|assistant|>": "phi-3 / Zephyr", "<|system|>": "phi-3 / Zephyr", "<|end|>": "phi-3",
+    "<extra_id_0>": "NeMo", "<extra_id_1>": "NeMo", "<start_of_turn>": "Gemma", "<|endoftext|>": "GPT",
+    "### Instruction:": "Alpaca", "### Response:": "Alpaca",
+}
+
 ACCEPTED = (
     "TRL standard or conversational (prompt, chosen, rejected), implicit prompt (chosen, rejected: full transcripts, "
     "Anthropic HH's \\n\\nHuman:/\\n\\nAssistant: among them), OpenAI (input, preferred_output, non_preferred_output), "
-    "Orca (system, question, chosen, rejected), ShareGPT (conversations, chosen, rejected), message lists "
+    "Orca (system, question, chosen, rejected), Alpaca (instruction, input, chosen, rejected), ShareGPT (conversations, chosen, rejected), message lists "
     "(chosen_messages, rejected_messages, optional prompt_messages); other key names through `columns = {...}`, "
     "scored, ranked or judged answers through `pairs_from`"
 )
-
-
-class Bad(Exception):
-    """A bad row, with its reason."""
 
 
 def _msg(role: str, content: Any) -> dict:
@@ -63,10 +87,20 @@ def _check_messages(msgs: Any, what: str) -> str | None:
     return None
 
 
-def _sharegpt(msgs: Any) -> list[dict]:
+def _sharegpt(msgs: Any, what: str) -> list[dict]:
+    """ShareGPT turns ({from, value}, or {role, content}) as messages; an answer may be a plain string."""
+    if isinstance(msgs, str) and what != "conversations":
+        return [_msg("assistant", msgs)]
     if isinstance(msgs, dict):
         msgs = [msgs]
-    return [_msg(m.get("from"), m.get("value")) for m in msgs]
+    if not isinstance(msgs, list):
+        raise Bad(f"`{what}` is {type(msgs).__name__}, not a list of turns ({{\"from\": ..., \"value\": ...}})")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise Bad(f"`{what}`[{i}] is {type(m).__name__}, not a turn ({{\"from\": ..., \"value\": ...}})")
+        out.append(_msg(m.get("from", m.get("role")), m.get("value", m.get("content"))))
+    return out
 
 
 def _parts(msgs: Any, what: str) -> Any:
@@ -133,6 +167,8 @@ def detect_format(row: dict) -> str:
         return "sharegpt"
     if {"question", "chosen", "rejected"} <= keys:
         return "orca"
+    if {"instruction", "chosen", "rejected"} <= keys:
+        return "alpaca"
     if {"prompt", "chosen", "rejected"} <= keys:
         return "conversational" if isinstance(row["chosen"], list) or isinstance(row["prompt"], list) else "standard"
     if {"chosen", "rejected"} <= keys:
@@ -140,8 +176,9 @@ def detect_format(row: dict) -> str:
     return "unknown"
 
 
-def normalise(row: Any, roles: dict[str, str] = ROLES) -> tuple[str, dict | None, str | None]:
-    """(format, pair, None) for a good row, (format, None, reason) for a bad one."""
+def normalise(row: Any, roles: dict[str, str] = ROLES, templated: str = "refuse") -> tuple[str, dict | None, str | None]:
+    """(format, pair, None) for a good row, (format, None, reason) for a bad one. `templated = "verbatim"`: the
+    prompt is text already rendered in a chat format, used as it is (TRL's string format: no second template)."""
     if not isinstance(row, dict):
         return "unknown", None, "row is not an object"
     fmt = detect_format(row)
@@ -150,11 +187,107 @@ def normalise(row: Any, roles: dict[str, str] = ROLES) -> tuple[str, dict | None
         return fmt, None, str(cell)
     try:
         pair = _to_pair(fmt, row)
+        if fmt in READS and isinstance(pair.get("prompt"), list):
+            pair = _with_parts(fmt, row, pair)
     except Bad as e:
         return fmt, None, str(e)
     if not isinstance(pair["chosen"], str):
         pair = {k: _map_roles(v, roles) for k, v in pair.items()}
-    return fmt, pair, _check_pair(pair)
+    problem = _check_pair(pair)
+    if problem is None:
+        try:
+            pair = _verbatim(pair) if templated == "verbatim" else pair
+        except Bad as e:
+            return fmt, None, str(e)
+        if templated != "verbatim":
+            problem = templated_problem(pair)
+    return fmt, pair, problem
+
+
+def _with_parts(fmt: str, row: dict, pair: dict) -> dict:
+    """The prompt parts a format reads beside its own keys: a `system` message first (unless the prompt has one),
+    `history` turns after it and before the prompt's own messages, and `tools` for the chat template."""
+    reads = READS[fmt]
+    prompt = pair["prompt"]
+    if "system" in reads:
+        prompt = _system(row, prompt)
+    if "history" in reads:
+        hist = _history(row.get("history"))
+        if hist:
+            k = 1 if prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system" else 0
+            prompt = [*prompt[:k], *hist, *prompt[k:]]
+    out = {**pair, "prompt": prompt}
+    tools = _tools(row.get("tools")) if "tools" in reads else None
+    if tools is not None:
+        out["tools"] = tools
+    return out
+
+
+def _history(h: Any) -> list[dict]:
+    """Earlier turns: a list of [question, answer] pairs (LLaMA-Factory's `history`) or a list of messages."""
+    if h is None or h == "" or h == []:
+        return []
+    if isinstance(h, str):
+        try:
+            h = json.loads(h)
+        except json.JSONDecodeError:
+            raise Bad("`history` is text, not a list of [question, answer] pairs or of messages") from None
+    if isinstance(h, list) and all(isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in h):
+        return [m for q, a in h for m in (_msg("user", q), _msg("assistant", a))]
+    if isinstance(h, list) and all(isinstance(m, dict) for m in h):
+        return _sharegpt(h, "history")
+    raise Bad("`history` is neither a list of [question, answer] pairs nor a list of messages")
+
+
+def _tools(t: Any) -> str | None:
+    """Function schemas for the chat template (transformers' apply_chat_template(tools=...)), kept as JSON text,
+    which TRL's DPOTrainer reads back the same way; None when the row has none."""
+    if t is None or t == "" or t == []:
+        return None
+    if isinstance(t, str):
+        try:
+            t = json.loads(t)
+        except json.JSONDecodeError as e:
+            raise Bad(f"`tools` is text that is not JSON ({e.msg}); it must be a list of function schemas") from None
+    if isinstance(t, dict):
+        t = [t]
+    if not isinstance(t, list) or not all(isinstance(x, dict) for x in t):
+        raise Bad("`tools` is not a list of function schemas (JSON objects)")
+    return json.dumps(t, ensure_ascii=False) if t else None
+
+
+def _text_of(part: Any) -> str:
+    if isinstance(part, str):
+        return part
+    return "\n".join(m["content"] for m in part if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+
+def templated_problem(pair: dict, markers: dict[str, str] = TEMPLATE_MARKERS) -> str | None:
+    """A prompt that already holds chat-template markers would be wrapped in the model's template a second time.
+    A pair of strings (TRL's string format) gets no template: its text is trained on as it is."""
+    if not isinstance(pair.get("prompt"), list):
+        return None
+    text = _text_of(pair["prompt"])
+    found = [m for m in markers if m in text]
+    if not found:
+        return None
+    names = ", ".join(f"{m} ({markers[m]})" for m in found[:3])
+    return (f"the prompt is already in a chat template (it holds {names}); the model's own template would wrap it "
+            "a second time: set templated = \"verbatim\" to train on the text as it is, or give the rows untemplated")
+
+
+def _verbatim(pair: dict) -> dict:
+    """A pair whose prompt is already rendered: TRL's string format (prompt + completion, no chat template)."""
+    if "tools" in pair:
+        raise Bad("templated = \"verbatim\" cannot pass `tools` to a chat template; render them into the prompt")
+    out = {}
+    for k, v in (("prompt", pair["prompt"]), ("chosen", pair["chosen"]), ("rejected", pair["rejected"])):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise Bad(f"templated = \"verbatim\" reads the {k} as one text, but it is {len(v)} messages")
+            v = v[0]["content"]
+        out[k] = v
+    return out
 
 
 def _map_roles(msgs: Any, roles: dict[str, str]) -> Any:
@@ -180,6 +313,16 @@ def _system(row: dict, prompt: list[dict]) -> list[dict]:
     if row.get("system") and not (prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
         return [_msg("system", _need_str(row, "system")), *prompt]
     return prompt
+
+
+def _input(row: dict, text: str) -> str:
+    """An instruction with its extra `input` (Alpaca's) joined after a blank line, as AlpacaEval's rows are read."""
+    extra = row.get("input")
+    if extra is None or extra == "":
+        return text
+    if not isinstance(extra, str):
+        raise Bad(f"`input` is {type(extra).__name__}, not a string")
+    return f"{text}\n\n{extra}" if extra.strip() else text
 
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -224,30 +367,31 @@ def _to_pair(fmt: str, row: dict) -> dict:
         return {"prompt": _parts(prompt, "input.messages"), "chosen": _parts(row["preferred_output"], "preferred_output"),
                 "rejected": _parts(row["non_preferred_output"], "non_preferred_output")}
     if fmt == "orca":
-        prompt = [_msg("user", _need_str(row, "question"))]
-        if row.get("system"):
-            prompt.insert(0, _msg("system", _need_str(row, "system")))
+        prompt = [_msg("user", _input(row, _need_str(row, "question")))]
         return {
             "prompt": prompt,
             "chosen": [_msg("assistant", _need_str(row, "chosen"))],
             "rejected": [_msg("assistant", _need_str(row, "rejected"))],
         }
     if fmt == "sharegpt":
-        return {"prompt": _sharegpt(row["conversations"]), "chosen": _sharegpt(row["chosen"]), "rejected": _sharegpt(row["rejected"])}
-    if fmt == "standard":
+        return {"prompt": _sharegpt(row["conversations"], "conversations"), "chosen": _sharegpt(row["chosen"], "chosen"),
+                "rejected": _sharegpt(row["rejected"], "rejected")}
+    if fmt in ("standard", "alpaca"):
+        key = "prompt" if fmt == "standard" else "instruction"
         return {
-            "prompt": _system(row, [_msg("user", _need_str(row, "prompt"))]),
+            "prompt": [_msg("user", _input(row, _need_str(row, key)))],
             "chosen": [_msg("assistant", _need_str(row, "chosen"))],
             "rejected": [_msg("assistant", _need_str(row, "rejected"))],
         }
     if fmt == "conversational":
         prompt = _parts(_turns(row["prompt"], "prompt"), "prompt")
         if isinstance(prompt, list):  # prompt messages; answers as messages or strings
-            return {"prompt": _system(row, prompt), "chosen": _answer(row["chosen"], "chosen"),
+            return {"prompt": prompt, "chosen": _answer(row["chosen"], "chosen"),
                     "rejected": _answer(row["rejected"], "rejected")}
         chosen, rejected = _parts(row["chosen"], "chosen"), _parts(row["rejected"], "rejected")
         if not isinstance(rejected, list):
             raise Bad("`chosen` is a message list but `rejected` is not")
+        _nonempty(chosen, rejected)
         # UltraFeedback binarized: a prompt string and full transcripts that repeat it.
         if isinstance(prompt, str):
             ex = extract_prompt({"chosen": chosen, "rejected": rejected})
@@ -268,6 +412,7 @@ def _to_pair(fmt: str, row: dict) -> dict:
             return ex
         if isinstance(chosen, list) and isinstance(rejected, list):
             chosen, rejected = _parts(chosen, "chosen"), _parts(rejected, "rejected")
+            _nonempty(chosen, rejected)
             short, long_ = sorted((chosen, rejected), key=len)
             if chosen != rejected and long_[: len(short)] == short:
                 raise Bad("one transcript is a prefix of the other, so there is no point where the prompt ends")
@@ -277,6 +422,13 @@ def _to_pair(fmt: str, row: dict) -> dict:
             return ex
         raise Bad("`chosen` and `rejected` must both be strings or both message lists")
     raise Bad("unrecognised format")
+
+
+def _nonempty(chosen: Any, rejected: Any) -> None:
+    """Transcripts TRL's extract_prompt can read: non-empty lists (it fails on an empty one)."""
+    for k, v in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(v, list) or not v:
+            raise Bad(f"`{k}` is {'an empty list' if v == [] else type(v).__name__}, not a transcript (a list of messages)")
 
 
 def _check_pair(pair: dict) -> str | None:

@@ -94,6 +94,8 @@ def read_prompts(texts: tuple[str, ...], path: str | None) -> list:
 
 
 def _row_prompt(row, where: str, normalise):
+    if isinstance(row, str):  # readers.BadRow: a CSV/TSV line that does not fit its header
+        raise GenerateError(f"{where}: {row}")
     if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
         return row["prompt"]
     if isinstance(row, dict) and isinstance(row.get("prompt"), list) and "chosen" not in row:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .audit import audit
-from .data import load_eval_pairs, load_step_pairs, token_lengths
+from .data import check_with_tokenizer, load_eval_pairs, load_step_pairs, token_lengths
 from .errors import DataError
 from .distributed import split_batch
 from .model import load_tokenizer, lora_parameter_count
@@ -388,6 +388,7 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
         plan.add(f"  {n} pairs, {steps:g} optimizer steps" + (
             f" ({repeated} pairs repeated per epoch to fill the last batch of all {processes} processes)" if repeated > 0 else ""))
         if tok is not None:
+            check_with_tokenizer(pairs, tok)
             lens = token_lengths(pairs.rows, tok)
             plan.add(f"  prompt tokens: {_stats([p for p, _, _ in lens])}")
             plan.add(f"  prompt+chosen tokens: {_stats([c for _, c, _ in lens])}")
@@ -406,6 +407,8 @@ def make_plan(recipe: LoadedRecipe, processes: int = 1) -> Plan:
             raise
         plan.unreachable.append(f"eval data: {e}")
         ev = None
+    if ev is not None and tok is not None:
+        check_with_tokenizer(ev, tok)
     if ev is not None:
         plan.add(f"held-out eval: {len(ev.rows)} pairs ({'; '.join(r.summary() for r in ev.reports)})")
     for line in overlap_lines(steps_data, ev, cfg.data.allow_eval_overlap, exact_members=split != "curriculum"):

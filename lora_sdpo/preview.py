@@ -37,11 +37,12 @@ def is_recipe(source: str) -> bool:
 
 
 def previews(source: str, step: int | None = None, columns: str | None = None, pairs_from: str | None = None,
-             split: str = "train", rule: dict | None = None, overrides: tuple[str, ...] = ()) -> list[Preview]:
+             split: str = "train", rule: dict | None = None, overrides: tuple[str, ...] = (), ignore: str | None = None,
+             templated: str | None = None) -> list[Preview]:
     if is_recipe(source):
-        if columns or pairs_from or rule:
-            raise DataError(f"{source}: --columns and --pairs-from (and its options) are for a data file; in a recipe, set "
-                            "`columns` and `pairs_from` in its [[steps.sources]]")
+        if columns or pairs_from or rule or ignore or templated:
+            raise DataError(f"{source}: --columns, --ignore, --templated and --pairs-from (and its options) are for a data "
+                            "file; in a recipe, set `columns`, `ignore`, `templated` and `pairs_from` in its [[steps.sources]]")
         loaded = load_recipe(source, overrides)
         n = len(loaded.recipe.steps)
         if step is not None and not 1 <= step <= n:
@@ -56,7 +57,9 @@ def previews(source: str, step: int | None = None, columns: str | None = None, p
     from pydantic import ValidationError
 
     try:
-        src = SourceConfig(path=source, split=split, columns=parse_columns(columns), pairs_from=pairs_from, **(rule or {}))
+        keys = [k.strip() for k in ignore.split(",") if k.strip()] if ignore else None
+        src = SourceConfig(path=source, split=split, columns=parse_columns(columns), pairs_from=pairs_from, ignore=keys,
+                           templated=templated or "refuse", **(rule or {}))
     except ValidationError as e:
         raise DataError(f"{source}: " + "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
     # every row is shown with its fate; the recipe's budget for bad rows is reported, not applied
@@ -68,6 +71,11 @@ def report_lines(p: Preview) -> list[str]:
     for rep in p.pairs.reports:
         out.append(f"  source {rep.summary()}")
         out.append("  formats: " + ", ".join(f"{k} ({v} rows)" for k, v in rep.formats.most_common()))
+        out.append("  keys used: " + (", ".join(rep.keys.used) or "(none)"))
+        if rep.keys.unused:
+            out.append("  keys not used: " + ", ".join(f"{k} ({why})" for k, why in rep.keys.unused.items()))
+        if rep.keys.ignored:
+            out.append("  keys ignored (the source's ignore): " + ", ".join(rep.keys.ignored))
         if p.title == rep.label and len(rep.bad) > p.max_bad_fraction * rep.total:
             out.append(f"  note: {len(rep.bad)} of {rep.total} rows are bad: a recipe with data.max_bad_fraction = "
                        f"{p.max_bad_fraction} (the default) refuses this source")
@@ -94,7 +102,7 @@ def pair_lines(i: int, row: dict) -> list[str]:
 
 
 def json_line(row: dict) -> str:
-    return json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected", "source", "row")}, ensure_ascii=False)
+    return json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected", "tools", "source", "row") if k in row}, ensure_ascii=False)
 
 
 def reports_of(previews_: list[Preview]) -> list[SourceReport]:

@@ -29,6 +29,11 @@ class CellError(str):
     """A CSV/TSV/parquet cell that starts like JSON structure but does not parse: the row is bad, with this reason."""
 
 
+class BadRow(str):
+    """A row of a flat file that cannot be read into its header's columns (more or fewer fields than the header):
+    it stands in the row's place, so the row is reported as bad with this reason and no other row moves."""
+
+
 def read_source(src, recipe=None) -> list[dict]:
     """All rows of a source (recipe.SourceConfig) as dicts, in file order."""
     if src.dataset is not None:
@@ -47,13 +52,33 @@ def _kind(path: Path) -> tuple[str, str | None]:
     return (suffixes[-1] if suffixes else ""), None
 
 
-def _open_text(path: Path, compression: str | None, newline: str | None = None):
-    # utf-8-sig: a byte-order mark (Windows tools write one) is skipped, not read as part of row 1
-    if compression is None:
-        return path.open(encoding="utf-8-sig", newline=newline)
-    import importlib
+# byte-order marks, longest first (UTF-32's little-endian mark begins with UTF-16's)
+BOMS = [(b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16")]
 
-    return importlib.import_module(compression).open(path, "rt", encoding="utf-8-sig", newline=newline)
+
+def _open_text(path: Path, compression: str | None, newline: str | None = None):
+    """The file as text: UTF-8, or UTF-16/UTF-32 when it starts with their byte-order mark (Windows tools
+    write UTF-16 with one); a UTF-8 byte-order mark is skipped, not read as part of row 1."""
+    if compression is None:
+        raw = path.open("rb")
+    else:
+        import importlib
+
+        raw = importlib.import_module(compression).open(path, "rb")
+    head = raw.peek(4096)[:4096]
+    encoding = next((enc for bom, enc in BOMS if head.startswith(bom)), "utf-8-sig")
+    if encoding == "utf-8-sig" and head.count(b"\x00") > len(head) // 4:
+        # NUL bytes are valid UTF-8: without this, UTF-16 text would be read as keys full of NULs
+        raw.close()
+        raise DataError(f"{path}: looks like UTF-16 text without a byte-order mark (every other byte is 0); save it "
+                        f"as UTF-8 (iconv -f UTF-16LE -t UTF-8 {path.name} > utf8-{path.name})")
+    return io.TextIOWrapper(raw, encoding=encoding, newline=newline)
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> str:
+    """Why a file is not text lora-sdpo reads, and how to convert it."""
+    return (f"{path}: not UTF-8 text (it holds the byte 0x{e.object[e.start]:02x}, which UTF-8 text cannot); save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t UTF-8), or as UTF-16 with a byte-order mark")
 
 
 def _sniff(path: Path, suffix: str, compression: str | None) -> None:
@@ -96,15 +121,46 @@ def read_file(path: Path) -> list[dict]:
             return [_json_cells(r) for r in pq.read_table(path).to_pylist()]
         if suffix in (".csv", ".tsv"):
             with _open_text(path, compression, newline="") as f:
-                return [_json_cells(r) for r in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
+                return _flat_rows(f, path, "\t" if suffix == ".tsv" else ",")
     except OSError as e:  # also a damaged or mislabelled compressed file (gzip.BadGzipFile, lzma.LZMAError)
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     except EOFError:
         raise DataError(f"{path}: the compressed file ends early (truncated download?); fetch it again") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(path, e)) from None
     name = "".join(path.suffixes[-2:]) if compression else path.suffix
     raise DataError(f"{path}: unsupported file type {name!r}; use {READABLE}")
+
+
+def _flat_rows(f, path: Path, delimiter: str) -> list:
+    """The rows of a CSV or TSV file under its header. A row with more or fewer fields than the header is a
+    BadRow naming its line and field count: never shifted into other columns, never cut to fit. A quoting error
+    stops the read, naming the line (what follows an unclosed quote cannot be placed)."""
+    reader = csv.reader(f, delimiter=delimiter, strict=True)
+    what = "tab" if delimiter == "\t" else "comma"
+    rows: list = []
+    start = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        start = reader.line_num
+        for fields in reader:
+            line = start + 1
+            start = reader.line_num
+            if not fields:  # a blank line
+                continue
+            if len(fields) != len(header):
+                rows.append(BadRow(
+                    f"line {line} has {len(fields)} fields for the header's {len(header)} "
+                    f"({'an unquoted ' + what + ' in a field?' if len(fields) > len(header) else 'a field missing?'}); "
+                    f"quote the fields that hold a {what}, or fix the line"))
+                continue
+            rows.append(_json_cells(dict(zip(header, fields))))
+    except csv.Error as e:
+        raise DataError(f"{path}: line {start + 1}: quoting error ({e}); a field that holds a quote must be quoted "
+                        'whole, its quotes doubled ("say ""hi""")') from None
+    return rows
 
 
 def _json_lines(f, path: Path) -> list[dict]:

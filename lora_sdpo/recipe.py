@@ -81,6 +81,12 @@ class SourceConfig(_Strict):
     columns: dict[str, str] | None = Field(
         None, description="The rows' own key names, e.g. {prompt = \"context\", chosen = \"answer_w\", rejected = \"answer_l\"}; "
         "mappable: " + ", ".join(COLUMNS) + " (role, content: the keys inside each message).")
+    ignore: list[str] | None = Field(
+        None, description="Keys of the rows that are not part of a pair (ids, sources, the judge's notes); any other key that is "
+        "not read and looks like content (messages, free text) stops the run (docs/data-formats.md).")
+    templated: Literal["refuse", "verbatim"] = Field(
+        "refuse", description="Prompts already in a chat template (ChatML, Llama [INST], NeMo <extra_id_1>, Alpaca ### Instruction:, "
+        "phi-3, the model's own markers): refuse them as bad rows, or train on prompt and answers verbatim, without a second template.")
     roles: dict[str, str] | None = Field(
         None, description="Role names added to the default table (" + table_text() + "), e.g. {narrator = \"system\"}.")
     pairs_from: Literal["scores", "ranking", "judgment"] | None = Field(

@@ -14,10 +14,9 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter, defaultdict
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:  # data.py calls the splits; a split only regroups the PairSets it is given
-    from .data import PairSet
+from .pairset import PairSet  # data.py calls the splits; a split only regroups the PairSets it is given
 
 
 def step_sizes(total: int, fractions: list[float]) -> list[int]:

@@ -240,3 +240,18 @@ def test_duplicates_counted_dropped_and_warned(tmp_path, good_rows):
     result = invoke(["plan", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "4 pairs used of 7 rows" in result.output and "3 exact duplicates dropped (rows 5, 6, 7)" in result.output
+
+
+def test_unread_content_stops_the_run_before_any_model_loads(tmp_path, good_rows):
+    """A key the format does not read that holds free text: named with a sample and both fixes; nothing written."""
+    rows = [{**r, "context": f"A passage of text that the question {i} is about, with words."} for i, r in enumerate(good_rows)]
+    result, data, out = run_with(tmp_path, rows)
+    assert_refused(result, str(data), "`context` (free text; row 1: 'A passage of text", 'columns = { input = "context" }',
+                   'ignore = ["context"]', output=out)
+
+
+def test_ragged_csv_row_is_a_bad_row_through_the_cli(tmp_path):
+    text = "question,chosen,rejected\n" + "".join(f"What is {i} + {i}?,{2 * i}.,{2 * i + 1}.\n" for i in range(4))
+    text += "What is 9 + 9?,1,8.,19.\n"  # an unquoted comma in the chosen answer
+    result, data, out = run_with(tmp_path, data_text=text, name="d.csv")
+    assert_refused(result, str(data), "row 5: line 6 has 4 fields for the header's 3 (an unquoted comma in a field?)", output=out)

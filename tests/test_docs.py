@@ -61,7 +61,7 @@ def test_every_relative_link_resolves(page):
 
 def test_data_format_examples_are_what_they_say():
     page = (ROOT / "docs" / "data-formats.md").read_text()
-    names = {"OpenAI preference": "openai", "ShareGPT": "sharegpt", "Orca pairs": "orca",
+    names = {"OpenAI preference": "openai", "ShareGPT": "sharegpt", "Orca pairs": "orca", "Alpaca (LLaMA-Factory)": "alpaca",
              "TRL conversational": "conversational", "UltraFeedback binarized": "conversational",
              "TRL standard": "standard", "Anthropic HH": "hh", "implicit prompt": "implicit"}
     rows = re.findall(r"^\| ([^|]+?) \| .*? \| `(\{.*\})` \|$", page, re.M)

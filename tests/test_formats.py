@@ -340,6 +340,7 @@ def test_data_command_text_and_json(tmp_path):
         str(f),
         f"  source {f}: 1 pairs used of 2 rows; 1 bad dropped (row 2: chosen == rejected)",
         "  formats: standard (2 rows)",
+        "  keys used: context, answer_w, answer_l",
         "  note: 1 of 2 rows are bad: a recipe with data.max_bad_fraction = 0.01 (the default) refuses this source",
         f"pair 1 ({f} row 1)", "  prompt:", "    user: Q?", "  chosen:", "    assistant: good", "  rejected:", "    assistant: bad",
     ]

@@ -77,6 +77,57 @@ def test_byte_order_mark(tmp_path):
     assert read_file(tmp_path / "d.csv") == [row]  # the first column is `prompt`, not "\ufeffprompt"
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    text = "prompt,chosen,rejected\nCafé?,Oui,Non\n"
+    bom = {"utf-16": b"", "utf-16-be": b"\xfe\xff", "utf-32": b""}[encoding]  # Python's utf-16/32 write their own mark
+    (tmp_path / "d.csv").write_bytes(bom + text.encode(encoding))
+    (tmp_path / "d.jsonl").write_bytes(bom + '{"prompt": "Café?", "chosen": "Oui", "rejected": "Non"}\n'.encode(encoding))
+    row = {"prompt": "Café?", "chosen": "Oui", "rejected": "Non"}
+    assert read_file(tmp_path / "d.csv") == [row]
+    assert read_file(tmp_path / "d.jsonl") == [row]
+
+
+def test_utf16_without_a_mark_and_latin1_are_named(tmp_path):
+    (tmp_path / "d.csv").write_bytes("prompt,chosen,rejected\nQ?,a,b\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"looks like UTF-16 text without a byte-order mark \(every other byte is 0\); save it as UTF-8"):
+        read_file(tmp_path / "d.csv")
+    (tmp_path / "l.csv").write_bytes("prompt,chosen,rejected\nCafé?,a,b\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"not UTF-8 text \(it holds the byte 0xe9, which UTF-8 text cannot\)"):
+        read_file(tmp_path / "l.csv")
+
+
+@pytest.mark.parametrize("suffix,sep", [(".csv", ","), (".tsv", "\t")])
+def test_a_ragged_row_is_a_named_bad_row_and_no_other_row_moves(tmp_path, suffix, sep):
+    good = [(f"Question {i}?", f"Answer {i}.", f"Wrong {i}.") for i in range(6)]
+    lines = ["prompt,chosen,rejected".replace(",", sep), *(sep.join(r) for r in good)]
+    lines.insert(3, sep.join(("Q?", "first half", " second half", "real rejected")))  # an unquoted separator: 4 fields
+    lines.insert(6, sep.join(("Q?", "only two")))
+    lines.append(sep.join((*good[0][:2], "x", "")))  # an extra trailing field
+    (tmp_path / f"d{suffix}").write_text("\n".join(lines) + "\n")
+    ps = load_pairs([SourceConfig(path=str(tmp_path / f"d{suffix}"))], None, max_bad_fraction=1.0)
+    assert [(r["row"], r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in ps.rows] == [
+        (n, *g) for n, g in zip((1, 2, 4, 5, 7, 8), good)]
+    what = "comma" if sep == "," else "tab"
+    assert ps.reports[0].bad == [
+        (3, f"line 4 has 4 fields for the header's 3 (an unquoted {what} in a field?); quote the fields that hold a {what}, or fix the line"),
+        (6, f"line 7 has 2 fields for the header's 3 (a field missing?); quote the fields that hold a {what}, or fix the line"),
+        (9, f"line 10 has 4 fields for the header's 3 (an unquoted {what} in a field?); quote the fields that hold a {what}, or fix the line"),
+    ]
+    assert "6 pairs used of 9 rows; 3 bad dropped" in ps.reports[0].summary()
+
+
+def test_a_quoting_error_is_named_by_line(tmp_path):
+    (tmp_path / "d.csv").write_text('prompt,chosen,rejected\nQ?,a,b\nQ?,"said "hi" there",b\n')
+    with pytest.raises(DataError, match=r"d\.csv: line 3: quoting error"):
+        read_file(tmp_path / "d.csv")
+    (tmp_path / "u.csv").write_text('prompt,chosen,rejected\nQ?,a,b\nQ?,"never closed,b\nQ2?,c,d\n')
+    with pytest.raises(DataError, match=r"u\.csv: line 3: quoting error \(unexpected end of data\)"):
+        read_file(tmp_path / "u.csv")
+    (tmp_path / "ok.csv").write_text('prompt,chosen,rejected\n"Q, with a comma?","say ""hi""",b\n')
+    assert read_file(tmp_path / "ok.csv") == [{"prompt": "Q, with a comma?", "chosen": 'say "hi"', "rejected": "b"}]
+
+
 def test_column_oriented_json_as_pandas_writes_it(tmp_path):
     import pandas as pd
 
