@@ -53,6 +53,37 @@ def gguf_sha256_of(folder: Path) -> str | None:
     return (provenance(folder) or {}).get("gguf_sha256")
 
 
+def _string_field(gguf: Path, key: str) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).get_field(key)
+    return None if field is None else bytes(field.parts[field.data[0]]).decode()
+
+
+def _smollm_pre_tokenizer():
+    from tokenizers import pre_tokenizers
+
+    # SmolLM's own tokenizer.json: every digit its own word, then GPT-2's byte-level split
+    # (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM: "\p{N}" before the GPT-2 expression).
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+
+
+# GGUF names a byte-level BPE's pre-tokenizer (tokenizer.ggml.pre); transformers' GGUF reader builds GPT-2's
+# for every one of them. Those whose rule differs are rebuilt here, so the folder tokenises as the model was trained.
+PRE_TOKENIZERS = {"smollm": ("digits one by one, then GPT-2 byte-level", _smollm_pre_tokenizer)}
+
+
+def restore_pre_tokenizer(tokenizer, gguf: Path) -> str | None:
+    """Set the pre-tokenizer the GGUF names, where transformers' reader did not; returns what was set."""
+    name = _string_field(gguf, "tokenizer.ggml.pre")
+    if name not in PRE_TOKENIZERS:
+        return name
+    what, build = PRE_TOKENIZERS[name]
+    tokenizer.backend_tokenizer.pre_tokenizer = build()
+    return f"{name} ({what})"
+
+
 def gguf_file_type(gguf: Path) -> str:
     """The GGUF's declared file type (e.g. MOSTLY_Q4_1), read from its metadata."""
     from gguf import GGUFReader, LlamaFileType
@@ -87,6 +118,7 @@ def dequantise(gguf: Path, out: Path, source: dict | None = None, extra_files: d
     except Exception as e:  # an unsupported architecture or a damaged file: say which file
         raise ModelError(f"{gguf}: transformers cannot read this GGUF ({type(e).__name__}: {str(e)[:200]}); "
                          "convert the model to a safetensors folder another way and point model.path at it") from None
+    pre = restore_pre_tokenizer(tokenizer, gguf)
     # The weights are plain float32 tensors now; what stays is transformers' record that they came from GGUF,
     # which makes save_pretrained refuse ("quantized with gguf and is not serializable").
     if hasattr(model.config, "quantization_config"):
@@ -99,6 +131,7 @@ def dequantise(gguf: Path, out: Path, source: dict | None = None, extra_files: d
         "gguf_file": gguf.name,
         "gguf_sha256": digest,
         "gguf_file_type": gguf_file_type(gguf),
+        "pre_tokenizer": pre,
         "note": "the weights are the GGUF's quantised values dequantised to float32, not the original checkpoint",
         **(source or {}),
     }
