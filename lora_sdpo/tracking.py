@@ -26,8 +26,9 @@ of the step's name (they keep every point they were sent, so the updates between
 the kill appear twice there). W&B and Trackio runs are closed after training and reopened for the
 step-end scalars, which carry the step's settings (StepRecord.training) as the run's config; offline,
 each opening is a folder RUN/wandb/offline-run-*-ID, and `wandb sync` uploads the folders of one id
-in order as one run. W&B writes that file every 15 s and when the run finishes, so a process killed
-outright (SIGKILL, OOM) loses its last points there; metrics.jsonl, TensorBoard and MLflow keep them.
+in order as one run. W&B writes that file every 15 s and Trackio its database every 0.5 s (and both
+when a run finishes), so a process killed outright (SIGKILL, OOM) loses its last points there;
+metrics.jsonl, TensorBoard and MLflow keep them.
 Tokens: the trackers receive TrainingArguments.to_dict(), where transformers masks every *_token
 value, and lora-sdpo never puts HF_TOKEN into the arguments.
 """
