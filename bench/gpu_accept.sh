@@ -17,8 +17,8 @@
 # Dependencies: on a machine with pip access, `pip install -e '.[test]'` over the CUDA build of torch
 # is enough. On a machine without network whose image lacks the project's pins (trl, bitsandbytes,
 # datasets, pydantic, and transformers/peft/huggingface_hub at this project's versions), assemble
-# their wheels first, where pip works: `.venv/bin/python bench/gpu_wheels.py` (for the image this
-# project is lent: Python 3.12, CUDA 13; 21 wheels, 31 MiB with bitsandbytes cut to its CUDA 13
+# their wheels first, where pip works: `.venv/bin/python bench/gpu_wheels.py` (for an image
+# with Python 3.12 and CUDA 13: 21 wheels, 31 MiB with bitsandbytes cut to its CUDA 13
 # libraries), and carry .whl/ with the working tree: they are installed into /tmp/site first. torch
 # is the image's own (a CUDA torch wheel is too big to carry), whatever version it is:
 # versions.txt records what ran, and an import that fails stops the script before any part.

@@ -1,6 +1,6 @@
 """GPU check: one sDPO step of a Mistral-7B-shaped model against the same step with plain TRL.
 
-Not run yet: no session so far has been lent a GPU (BENCHMARKS.md). Everything is built on the
+Not run on a GPU yet (BENCHMARKS.md has no figure from it). Everything is built on the
 machine, nothing is downloaded:
 
 1. a random-initialised MistralForCausalLM with Mistral-7B's shapes (hidden 4096, 32 layers,

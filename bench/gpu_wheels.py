@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gpu_wheels.py [--python 3.12] [--cuda 13] [--budget-mib 64]
 
-The GPU machine this project is lent (see bench/gpu_accept.sh) runs an image with Python 3.12 and
+The GPU image bench/gpu_accept.sh is written for has Python 3.12 and
 CUDA builds of torch, transformers, accelerate, safetensors, tokenizers, numpy, pandas, pyarrow and
 the like, but no TRL, bitsandbytes, datasets or pydantic, and older transformers and
 huggingface_hub than this project pins. This downloads, for that Python and manylinux x86_64, the

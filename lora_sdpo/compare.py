@@ -87,6 +87,10 @@ def run_comparison(loaded: LoadedRecipe, arms: list[str], output: Path, log=prin
     if not loaded.recipe.data.eval:
         raise RecipeError(f"{loaded.path}: compare needs held-out data: add a [[data.eval]] source")
     recipes = {arm: arm_recipe(loaded, arm) for arm in arms}  # every arm validated before any runs
+    if "trackio" in loaded.recipe.run.report_to and len(arms) > 1:  # see tracking.import_trackio
+        raise RecipeError(f"{loaded.path}: run.report_to names trackio, which tracks one run directory a process, and compare "
+                          "runs its arms in one process: compare one arm at a time (--arms), or track with tensorboard, "
+                          "mlflow or wandb")
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     results_path = output / "comparison.json"

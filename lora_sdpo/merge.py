@@ -3,7 +3,7 @@
 The base is read tensor by tensor and the output shards are planned before any data is read
 (lora_sdpo/shards.py), so peak memory is about the largest tensor, not the model or a shard. The
 sum is formed in float32 before any cast: a DPO update is 1e-4..1e-2 of |W| and would not survive
-a bf16 (or NF4) rounding in between (DESIGN.md 3).
+a bf16 (or NF4) rounding in between (docs/design.md, section 5).
 
 What a PEFT LoRA adapter can hold, and what the merge does with it:
 - `lora_A`/`lora_B` (Linear, Conv1D with fan_in_fan_out): delta = scale * B @ A;

@@ -3,8 +3,8 @@
 NF4 must be quantised from the full-precision weights: transformers casts every tensor to the
 `dtype` it is given *before* bitsandbytes quantises it, so loading with dtype=bfloat16 would
 round the fp32 chain M_t = S + dW_1 + ... + dW_t to bf16 first and lose most of a small DPO
-update (DESIGN.md 3). We load in float32, let bitsandbytes quantise that, and only then cast the
-non-quantised tensors (embeddings, norms, LM head) to the compute dtype.
+update (docs/design.md, section 5). We load in float32, let bitsandbytes quantise that, and only
+then cast the non-quantised tensors (embeddings, norms, LM head) to the compute dtype.
 """
 
 from __future__ import annotations

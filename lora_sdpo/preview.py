@@ -14,7 +14,7 @@ from .recipe import DataConfig, SourceConfig, load_recipe
 
 @dataclass
 class Preview:
-    title: str  # "step 1 of recipes/x.toml" or the source itself
+    title: str  # "step 1 of recipes/two_step.toml" or the source itself
     pairs: PairSet
     max_bad_fraction: float
 

@@ -153,8 +153,11 @@ class Server:
 
     def start(self, argv: list[str], env: dict[str, str], stdout: int, stderr: int | None) -> "ForkedProcess":
         if not self.ready:
+            # Imports may print first (transformers prints a line when WANDB_MODE=offline): skip to "ready".
             line = self.proc.stdout.readline()
-            if line.strip() != "ready":
+            while line and line.strip() != "ready":
+                line = self.proc.stdout.readline()
+            if not line:
                 raise RuntimeError(f"the tests' CLI server did not start (exit {self.proc.wait()})")
             self.ready = True
         return ForkedProcess(self, argv, env, stdout, stderr)

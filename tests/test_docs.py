@@ -71,3 +71,51 @@ def test_data_format_examples_are_what_they_say():
         fmt, pair, problem = normalise(row)
         assert detect_format(row) == names[name] == fmt and problem is None, (name, problem)
         assert pair["chosen"] != pair["rejected"] and pair["prompt"]
+
+
+# A repository path as the docs and comments cite it: under a top-level folder of the repository,
+# with a file extension or a closing slash, optionally `::name` (a function or class in that file);
+# and the bare upper-case .md names (README.md, BENCHMARKS.md). Placeholders (NAME, N, *) are not paths.
+_TOP = "lora_sdpo|tests|bench|scripts|recipes|docs|models|adapters|\\.ci"
+_CITED_PATH = re.compile(rf"(?<![\w./-])((?:{_TOP})/[\w./-]*(?:\.\w+|/))(?![\w{{])(::\w+)?")
+_CITED_MD = re.compile(r"(?<![\w./-])([A-Z][A-Z_-]*\.md)\b")
+
+
+def _citing_files() -> list:
+    files = [*ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"), ROOT / ".ci" / "run"]
+    for folder in ("lora_sdpo", "tests", "bench", "scripts"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh")]
+    return sorted(p for p in set(files) if p.is_file() and p.name != "test_docs.py")  # this file cites missing ones on purpose
+
+
+def cited_paths_that_do_not_exist(text: str, where) -> list[str]:
+    import subprocess
+
+    names = {p.rsplit("/", 1)[-1] for p in subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()}
+    missing = []
+    for m in _CITED_PATH.finditer(text):
+        path, name = m.group(1), m.group(2)
+        if re.search(r"[*{}]|(^|/)[A-Z]{1,}(/|\.|$)", path):
+            continue
+        target = ROOT / path
+        if not target.exists():
+            missing.append(path)
+        elif name and target.is_file() and not re.search(rf"\b(def|class) {name[2:]}\b", target.read_text()):
+            missing.append(path + name)
+    missing += [m.group(1) for m in _CITED_MD.finditer(text)
+                if m.group(1) not in names and not (where.parent / m.group(1)).exists()]
+    return missing
+
+
+def test_every_cited_repository_file_exists():
+    """Docs, comments and docstrings cite files a clone has (`lora_sdpo/merge.py`, `tests/test_x.py::test_y`,
+    docs/design.md), not notes kept elsewhere."""
+    found = {p.relative_to(ROOT).as_posix(): cited_paths_that_do_not_exist(p.read_text(), p) for p in _citing_files()}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_the_citation_check_finds_a_missing_file():
+    here = ROOT / "docs" / "design.md"
+    text = "see DESIGN.md 3, lora_sdpo/nowhere.py, tests/test_invariants.py::test_no_such_test and docs/design.md"
+    assert cited_paths_that_do_not_exist(text, here) == ["lora_sdpo/nowhere.py", "tests/test_invariants.py::test_no_such_test", "DESIGN.md"]
+    assert cited_paths_that_do_not_exist("tests/test_invariants.py::test_first_loss_of_every_step_is_ln2, RUN/step-N/", here) == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import cli
@@ -24,6 +25,14 @@ TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "generation_config.json"
 
 def _files(folder) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
 
 
 def _meta(card: str) -> dict:
@@ -53,11 +62,24 @@ def test_merged_export_layout_card_and_weights(two_step_run, tmp_path):
     assert "M_2 = S + dW_1 + dW_2" in card and "AutoModelForCausalLM.from_pretrained" in card
     assert "[training]" in card  # the recipe
 
+    # The weights are M_2's rounded to bfloat16, tensor for tensor, bit for bit: nothing else.
+    exported, m2 = _weights(out), _weights(two_step_run / "step-2" / "model")
+    assert exported.keys() == m2.keys()
+    assert [k for k in m2 if not torch.equal(exported[k], m2[k].to(torch.bfloat16))] == []
+    # Negative controls that the check rejects: M_1 exported in place of M_2 (the step before:
+    # its adapted tensors differ even after bf16 rounding), and M_2 with one weight moved by 1%.
+    m1 = _weights(two_step_run / "step-1" / "model")
+    assert sum(not torch.equal(exported[k], m1[k].to(torch.bfloat16)) for k in m1) > 0
+    name = next(k for k in m2 if k.endswith("q_proj.weight"))
+    moved = m2[name].clone()
+    moved.view(-1)[moved.abs().argmax()] *= 1.01  # more than a bf16 step (0.4-0.8%)
+    assert not torch.equal(exported[name], moved.to(torch.bfloat16))
+    # and the folder loads as that model: its logits are those of M_2 rounded to bf16, exactly
     ids = torch.randint(0, 32000, (1, 24))
     with torch.no_grad():
-        m2 = AutoModelForCausalLM.from_pretrained(two_step_run / "step-2" / "model", dtype=torch.float32)(ids).logits
-        exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
-    assert (exported - m2).abs().max() < 0.05 * m2.abs().max()  # bf16 rounding of M_2, nothing more
+        rounded = AutoModelForCausalLM.from_pretrained(two_step_run / "step-2" / "model", dtype=torch.bfloat16).float()
+        loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert torch.equal(loaded(ids).logits, rounded(ids).logits)
 
 
 def test_adapter_export_applies_to_the_previous_model(two_step_run, tmp_path):

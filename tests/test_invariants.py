@@ -1,4 +1,4 @@
-"""The invariants of sDPO (DESIGN.md 3), each checked on a real run by code independent of the pipeline."""
+"""The invariants of sDPO (docs/design.md, section 2), each checked on a real run by code independent of the pipeline."""
 
 from __future__ import annotations
 

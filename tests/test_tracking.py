@@ -1,16 +1,25 @@
 """Experiment tracking and settings per step, on one tiny real two-step run through the CLI.
 
 Step 2 trains with its own learning rate, beta, loss (ipo) and epochs, so its first loss is
-(1/(2 beta))^2 = 4 instead of ln 2: the trainer's logs, TensorBoard's and MLflow's records and the
-manifest must all show step 2's settings. Step 2 is killed after its first update's checkpoint and
-resumed, and each tracker must still hold one run per step with each update once. Both trackers are
-read back with their own readers (tensorboard's EventAccumulator, MLflow's client).
+(1/(2 beta))^2 = 4 instead of ln 2: the trainer's logs, every tracker's records and the manifest
+must all show step 2's settings. Step 2 is killed after its first update's checkpoint and resumed,
+and each tracker must still hold one run per step with each update once (W&B and Trackio write in
+batches, so the killed process's last update may be missing there, never doubled). Each tracker is read back
+from its local files: tensorboard's EventAccumulator, MLflow's client, W&B's offline run files
+(RUN/wandb/offline-run-*/run-ID.wandb, read below), Trackio's SQLite database (RUN/trackio/NAME.db).
+W&B and Trackio are tracked when installed (extras wandb, trackio; both in the test extra), and
+their tests are skipped, saying so, where they are not. Everything stays offline (conftest sets
+WANDB_MODE=offline; Trackio is local only).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import sqlite3
+import struct
 from pathlib import Path
 
 import pytest
@@ -25,8 +34,17 @@ STEP2 = [("What is the capital of France?", "Paris.", "Lyon."), ("How many legs 
 STEP2_TRAINING = {"learning_rate": 1e-3, "beta": 0.25, "loss_type": "ipo", "num_train_epochs": 2}
 
 
+OPTIONAL = [n for n in ("wandb", "trackio") if importlib.util.find_spec(n) is not None]
+TRACKERS = ["tensorboard", "mlflow", *OPTIONAL]
+
+
+def _needs(name: str) -> None:
+    if name not in OPTIONAL:
+        pytest.skip(f"{name} is not installed here (pip install 'lora-sdpo[{name}]')")
+
+
 def _sets(step2=STEP2_TRAINING) -> list[str]:
-    return ['run.report_to=["tensorboard", "mlflow"]', "retention.sample_size=4"] + [
+    return [f"run.report_to={json.dumps(TRACKERS)}", "retention.sample_size=4"] + [
         f"steps.1.training.{k}={json.dumps(v)}" for k, v in step2.items()]
 
 
@@ -107,10 +125,114 @@ def test_mlflow_has_one_run_per_step_grouped_under_the_run(tracked_run):
         assert r.info.status == "FINISHED"
 
 
+def _wandb_records(path: Path):
+    """The records of a W&B run file: a 7-byte header, then LevelDB log blocks of 32 KiB whose
+    records (4-byte CRC, 2-byte length, 1-byte type: 1 full, 2 first, 3 middle, 4 last) carry
+    wandb_internal.proto Records."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", path
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            yield record
+            buf = b""
+
+
+def _wandb_runs(out: Path) -> dict[str, dict]:
+    """W&B's offline runs under RUN/wandb by name: project, group, config, and history by metric
+    ({global step: value}, each point once: a repeated point fails), over every folder of the run's id."""
+    runs: dict[str, dict] = {}
+    for folder in sorted(out.glob("wandb/offline-run-*")):
+        (file,) = folder.glob("run-*.wandb")
+        run = None
+        for rec in _wandb_records(file):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                run = runs.setdefault(rec.run.display_name, {"ids": set(), "config": {}, "history": {}, "folders": 0})
+                run["ids"].add(rec.run.run_id)
+                run["folders"] += 1
+                run["project"], run["group"] = rec.run.project, rec.run.run_group
+                run["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+            elif kind == "config":
+                run["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                for k, v in items.items():
+                    if k.startswith(("train/loss", "lora_sdpo/")):
+                        points = run["history"].setdefault(k, {})
+                        assert items["train/global_step"] not in points, (k, items)
+                        points[items["train/global_step"]] = v
+    return runs
+
+
+def test_wandb_offline_has_one_run_per_step_grouped_under_the_run(request):
+    _needs("wandb")
+    _, out = request.getfixturevalue("tracked_run")
+    runs = _wandb_runs(out)
+    assert sorted(runs) == ["test/step-1", "test/step-2"]
+    # step 1: training, then the step-end scalars; step 2: training (killed), resumed training, the step end
+    assert len(list(out.glob("wandb/offline-run-*"))) == 5
+    for i, loss, beta in ((1, LN2, 0.1), (2, 4.0, 0.25)):
+        r = runs[f"test/step-{i}"]
+        assert len(r["ids"]) == 1 and (r["project"], r["group"]) == ("test", "test")  # one id: `wandb sync` joins them
+        # Each update at most once across the resume. W&B writes its file every 15 s and at the end, so
+        # the killed process's last points may be missing (update 1 of step 2; TensorBoard has it).
+        points = r["history"]["train/loss"]
+        assert i in points and set(points) <= set(range(1, i + 1))
+        if 1 in points:
+            assert abs(points[1] - loss) < 1e-3
+        assert abs(r["history"]["lora_sdpo/first_loss"][i] - loss) < 1e-3
+        assert r["config"]["beta"] == beta and r["config"]["lora_sdpo.training.beta"] == beta
+        assert r["config"]["lora_sdpo.run_dir"] == str(out)
+        assert r["history"]["lora_sdpo/rows"] == {i: 4}
+        assert f"lora_sdpo/gamma/M_{i}/D_{i}" in r["history"]
+    assert "lora_sdpo/gamma/S/D_1" in runs["test/step-1"]["history"]
+
+
+def test_trackio_has_one_local_run_per_step_grouped_under_the_run(request):
+    _needs("trackio")
+    _, out = request.getfixturevalue("tracked_run")
+    with sqlite3.connect(out / "trackio" / "test.db") as db:
+        metrics = db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id").fetchall()
+        configs = {name: json.loads(c) for name, c in db.execute("SELECT run_name, config FROM configs")}
+    assert sorted(configs) == ["test/step-1", "test/step-2"]
+    for i, loss, beta in ((1, LN2, 0.1), (2, 4.0, 0.25)):
+        name = f"test/step-{i}"
+        points: dict[str, dict] = {}
+        for run, step, values in metrics:
+            for k, v in json.loads(values).items():
+                if run == name and k.startswith(("train/loss", "lora_sdpo/")):
+                    assert step not in points.setdefault(k, {}), (name, k, step)  # each point once
+                    points[k][step] = v
+        # Trackio writes every 0.5 s: the killed process's last point may be missing (update 1 of step 2)
+        assert i in points["train/loss"] and set(points["train/loss"]) <= set(range(1, i + 1))
+        if 1 in points["train/loss"]:
+            assert abs(points["train/loss"][1] - loss) < 1e-3
+        assert points["lora_sdpo/rows"] == {i: 4}
+        assert abs(points["lora_sdpo/first_loss"][i] - loss) < 1e-3
+        assert f"lora_sdpo/gamma/M_{i}/D_{i}" in points
+        assert configs[name]["_Group"] == "test" and configs[name]["lora_sdpo.training.beta"] == beta
+
+
 def test_no_token_reaches_a_tracker(tracked_run):
     _, out = tracked_run
-    files = [p for p in out.rglob("*") if p.is_file() and ("tensorboard" in p.parts or p.name.startswith("mlflow"))]
-    assert len(files) >= 3
+    files = [p for p in out.rglob("*") if p.is_file()
+             and ({"tensorboard", "wandb", "trackio"} & set(p.relative_to(out).parts) or p.name.startswith("mlflow"))]
+    assert len(files) >= 3 + 3 * ("wandb" in OPTIONAL) + ("trackio" in OPTIONAL)
     for p in files:
         assert FAKE_TOKEN.encode() not in p.read_bytes(), p
 
@@ -160,5 +282,52 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_extra(data_dir, tmp_p
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(RecipeError, match=r"run.report_to names mlflow, not installed here: pip install 'lora-sdpo\[mlflow\]'"):
         tracking.require(loaded)
-    with pytest.raises(RecipeError, match="'wandb' is not offered yet"):
-        load_recipe(write_recipe(tmp_path, data_dir), ['run.report_to=["wandb"]'])
+    for name in ("wandb", "trackio"):
+        loaded = load_recipe(write_recipe(tmp_path, data_dir), [f'run.report_to=["{name}"]'])
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, name=name: None if n == name else real(n, *a))
+        with pytest.raises(RecipeError, match=rf"run.report_to names {name}, not installed here: pip install 'lora-sdpo\[{name}\]'"):
+            tracking.require(loaded)
+    with pytest.raises(RecipeError, match="unknown tracker 'wandbb'; did you mean 'wandb'"):
+        load_recipe(write_recipe(tmp_path, data_dir), ['run.report_to=["wandbb"]'])
+
+
+def test_wandb_goes_online_only_with_a_login_and_a_network(monkeypatch, tmp_path):
+    from lora_sdpo import tracking
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert tracking.wandb_mode() == "offline"  # no login
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    assert tracking.wandb_mode() == "online"  # `wandb login` writes this
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert tracking.wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.wandb_mode() == "disabled"  # the user's word decides
+
+
+def test_wandb_falls_back_to_offline_when_the_server_cannot_be_reached(data_dir, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from lora_sdpo import tracking
+    from lora_sdpo.recipe import load_recipe
+    from lora_sdpo.rundir import RunDir
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Timed out while retrying")
+        return "run"
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setattr(tracking, "wandb_mode", lambda: "online")
+    monkeypatch.delenv("WANDB_ERROR_REPORTING", raising=False)
+    run = RunDir(tmp_path / "run")
+    run.step(1).mkdir(parents=True)
+    st = tracking.StepTracking(load_recipe(write_recipe(tmp_path, data_dir), ['run.report_to=["wandb"]']), run, 1)
+    assert st._open_wandb() == "run"
+    assert [c["mode"] for c in calls] == ["online", "offline"]
+    assert calls[1]["dir"] == str(run.root) and calls[1]["name"] == "test/step-1" and calls[1]["group"] == "test"
+    assert calls[0]["id"] == calls[1]["id"] == json.loads((run.step(1) / "tracking.json").read_text())["wandb_id"]
+    assert os.environ["WANDB_ERROR_REPORTING"] == "false"  # offline, nothing is reported either
