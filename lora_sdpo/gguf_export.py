@@ -9,11 +9,13 @@
       export.json       written last: the marker of a finished export, every file and its size
 
 Written with the `gguf` library (gguf-py, llama.cpp's own): its writer, its tensor-name map for the
-llama architecture (which llama.cpp also uses for Mistral) and its vocabulary readers
-(`LlamaHfVocab` for tokenizer.json, `SpecialVocab` for the special tokens and the chat template).
-What convert_hf_to_gguf.py does beyond configuring these for Llama is done here the same way:
-q_proj/k_proj rows are permuted to llama.cpp's rotary layout, 1-D tensors stay float32, the
-vocabulary is padded to the embedding rows. Other architectures are refused by name.
+llama architecture (which llama.cpp also uses for Mistral) and `SpecialVocab` (special tokens, merges,
+chat template). What convert_hf_to_gguf.py does beyond configuring these for Llama is done here the
+same way: q_proj/k_proj rows are permuted to llama.cpp's rotary layout, 1-D tensors stay float32, the
+vocabulary is padded to the embedding rows, the size label is written, and the tokenizer is written as
+the converter writes a sentencepiece-style or a GPT-2-style BPE (_vocab; docs/export-and-push.md says
+what llama.cpp b4965 reads from it, measured by tests/test_gguf_llama_cpp.py). Other architectures and
+tokenizers are refused by name.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ def library_dir() -> Path:
 
 
 _LIB = None
+LOG: list[str] = []
 
 
 def _load():
@@ -51,8 +52,12 @@ def _load():
         finally:
             sys.setdlopenflags(flags)
         lib, ffi = module.lib, module.ffi
-        log = ffi.callback("void(enum ggml_log_level, char *, void *)", lambda level, text, data: None)
-        lib.llama_log_set(log, ffi.NULL)  # quiet; kept alive in _LIB
+        def keep(level, text, data):  # quiet; the last lines are kept for error messages
+            LOG.append(ffi.string(text).decode(errors="replace"))
+            del LOG[:-40]
+
+        log = ffi.callback("void(enum ggml_log_level, char *, void *)", keep)
+        lib.llama_log_set(log, ffi.NULL)  # kept alive in _LIB
         lib.llama_backend_init()
         _LIB = (lib, ffi, log)
     return _LIB[0], _LIB[1]
@@ -67,7 +72,7 @@ class LlamaCpp:
         mp.n_gpu_layers = 0
         self.model = lib.llama_model_load_from_file(str(gguf).encode(), mp)
         if self.model == ffi.NULL:
-            raise RuntimeError(f"{gguf}: llama.cpp {VERSION} did not load it")
+            raise RuntimeError(f"{gguf}: llama.cpp {VERSION} did not load it:\n{''.join(LOG[-8:])}")
         self.vocab = lib.llama_model_get_vocab(self.model)
         cp = lib.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx
@@ -164,8 +169,6 @@ class LlamaCpp:
             t = int(self.logits(ids)[-1].argmax())
             out.append(t)
             ids.append(t)
-            if self.lib.llama_vocab_is_eog(self.vocab, t):
-                break
         return out
 
 
@@ -193,27 +196,35 @@ TEXTS = [
 ]
 
 
-def compare(gguf: Path, model_dir: Path, n_new: int = 16) -> dict:
-    """Everything the tests assert, measured: llama.cpp on GGUF against transformers on MODEL_DIR (float32)."""
+def compare(gguf: Path, model_dir: Path, logits: bool = True, n_new: int = 8) -> dict:
+    """llama.cpp on GGUF against transformers on MODEL_DIR (float32), on CHATS and TEXTS.
+
+    Chat prompts are rendered by the embedded template twice: by transformers (Jinja, as llama-server
+    --jinja and Ollama render it) and by llama.cpp's llama_chat_apply_template (its built-in formats);
+    both renderings are kept, and llama.cpp tokenises transformers' rendering. Plain texts are tokenised
+    as they are and with one leading space (see docs/export-and-push.md on the first word's marker).
+    With logits: every position of every chat prompt, top-1 and max |logit difference|, and n_new greedy
+    tokens after each prompt."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    res = {"chats": [], "texts": [], "max_logit_diff": 0.0, "max_abs_logit": 0.0, "top1_equal": 0, "positions": 0,
-           "greedy": []}
+    res = {"chats": [], "texts": []}
     with LlamaCpp(gguf) as llm:
-        res["desc"] = llm.desc()
-        res["size_label"] = llm.meta("general.size_label")
-        res["name"] = llm.meta("general.name")
+        res.update(desc=llm.desc(), size_label=llm.meta("general.size_label"), name=llm.meta("general.name"),
+                   template=llm.chat_template())
         for msgs in CHATS:
-            ours = llm.apply_chat_template(msgs)
             theirs = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            ids_hf = tok(theirs, add_special_tokens=False).input_ids
-            res["chats"].append({"rendered_equal": ours == theirs, "llama": llm.tokenize(ours, add_special=False),
-                                 "hf": ids_hf})
+            res["chats"].append({"rendered": theirs, "llama_rendered": llm.apply_chat_template(msgs),
+                                 "llama": llm.tokenize(theirs, add_special=False),
+                                 "hf": tok(theirs, add_special_tokens=False).input_ids})
         for text in TEXTS:
-            res["texts"].append({"text": text, "llama": llm.tokenize(text, add_special=True), "hf": tok(text).input_ids})
+            res["texts"].append({"text": text, "llama": llm.tokenize(text), "llama_space": llm.tokenize(" " + text),
+                                 "hf": tok(text).input_ids})
+        if not logits:
+            return res
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        res.update(max_logit_diff=0.0, max_abs_logit=0.0, top1_equal=0, positions=0, greedy=[])
         for c in res["chats"]:
             ids = c["hf"]
             with torch.no_grad():
@@ -223,10 +234,12 @@ def compare(gguf: Path, model_dir: Path, n_new: int = 16) -> dict:
             res["max_abs_logit"] = max(res["max_abs_logit"], float(np.abs(want).max()))
             res["top1_equal"] += int((got.argmax(-1) == want.argmax(-1)).sum())
             res["positions"] += len(ids)
-            with torch.no_grad():
-                hf_new = model.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
-                                        eos_token_id=None, pad_token_id=tok.pad_token_id or 0)[0, len(ids):].tolist()
-            res["greedy"].append({"hf": hf_new, "llama": llm.greedy(ids, len(hf_new))})
+            hf_new, seq = [], list(ids)
+            for _ in range(n_new):  # argmax over the whole sequence each time, as LlamaCpp.greedy does
+                with torch.no_grad():
+                    hf_new.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+                seq.append(hf_new[-1])
+            res["greedy"].append({"hf": hf_new, "llama": llm.greedy(ids, n_new)})
     return res
 
 
@@ -238,18 +251,23 @@ def main(argv: list[str]) -> int:
     r = compare(gguf, model_dir)
     print(f"llama.cpp {VERSION}: {r['desc']}  general.name={r['name']!r}  general.size_label={r['size_label']!r}")
     same = sum(c["llama"] == c["hf"] for c in r["chats"])
-    print(f"chat prompts: rendered equal {sum(c['rendered_equal'] for c in r['chats'])}/{len(r['chats'])}, "
-          f"token ids equal {same}/{len(r['chats'])}")
+    print(f"chat prompts (rendered by the embedded template): token ids equal {same}/{len(r['chats'])}; "
+          f"llama_chat_apply_template renders the same text for {sum(c['rendered'] == c['llama_rendered'] for c in r['chats'])}")
     for c in r["chats"]:
         if c["llama"] != c["hf"]:
             print(f"  llama.cpp {c['llama']}\n  transformers {c['hf']}")
-    print(f"plain texts: token ids equal {sum(t['llama'] == t['hf'] for t in r['texts'])}/{len(r['texts'])}")
+    print(f"plain texts: token ids equal {sum(t['llama'] == t['hf'] for t in r['texts'])}/{len(r['texts'])}, "
+          f"with a leading space for llama.cpp {sum(t['llama_space'] == t['hf'] for t in r['texts'])}/{len(r['texts'])}")
     for t in r["texts"]:
-        if t["llama"] != t["hf"]:
+        if t["llama"] != t["hf"] and t["llama_space"] != t["hf"]:
             print(f"  {t['text']!r}\n  llama.cpp {t['llama']}\n  transformers {t['hf']}")
     print(f"top-1 equal at {r['top1_equal']}/{r['positions']} positions; max |logit difference| "
           f"{r['max_logit_diff']:.3g} (largest |logit| {r['max_abs_logit']:.3g})")
-    print(f"greedy continuations equal: {sum(g['hf'] == g['llama'] for g in r['greedy'])}/{len(r['greedy'])}")
+    print(f"greedy continuations ({len(r['greedy'][0]['hf'])} tokens) equal: "
+          f"{sum(g['hf'] == g['llama'] for g in r['greedy'])}/{len(r['greedy'])}")
+    for g in r["greedy"]:
+        if g["hf"] != g["llama"]:
+            print(f"  llama.cpp {g['llama']}\n  transformers {g['hf']}")
     return 0
 
 
