@@ -140,16 +140,18 @@ class LlamaCpp:
             raise RuntimeError("llama_chat_apply_template does not know the embedded template")
         return ffi.buffer(buf, n)[:].decode()
 
-    def logits(self, ids: list[int]) -> np.ndarray:
-        """[len(ids), n_vocab] float32: the next-token logits at every position, one decode from an empty cache."""
+    def logits(self, ids: list[int], start: int = 0) -> np.ndarray:
+        """[len(ids), n_vocab] float32: the next-token logits at every position of ids, decoded in one batch
+        at positions start.. (start = 0 empties the cache first; otherwise the cache holds the tokens before)."""
         lib, ffi = self.lib, self.ffi
-        if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens > n_ctx {self.n_ctx}")
-        lib.llama_kv_self_clear(self.ctx)
+        if start + len(ids) > self.n_ctx:
+            raise ValueError(f"{start + len(ids)} tokens > n_ctx {self.n_ctx}")
+        if start == 0:
+            lib.llama_kv_self_clear(self.ctx)
         batch = lib.llama_batch_init(len(ids), 0, 1)
         try:
             for i, t in enumerate(ids):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, True
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, start + i, 1, True
                 batch.seq_id[i][0] = 0
             batch.n_tokens = len(ids)
             if lib.llama_decode(self.ctx, batch) != 0:
@@ -162,13 +164,13 @@ class LlamaCpp:
             lib.llama_batch_free(batch)
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
-        """n tokens chosen by argmax (recomputing the whole sequence each time: simple, and small here)."""
-        ids = list(ids)
-        out = []
-        for _ in range(n):
-            t = int(self.logits(ids)[-1].argmax())
-            out.append(t)
-            ids.append(t)
+        """n tokens chosen by argmax, one decode at a time on llama.cpp's KV cache (no stop at end of turn)."""
+        out: list[int] = []
+        last = self.logits(ids)[-1]
+        while len(out) < n:
+            out.append(int(last.argmax()))
+            if len(out) < n:
+                last = self.logits(out[-1:], start=len(ids) + len(out) - 1)[-1]
         return out
 
 
@@ -234,11 +236,12 @@ def compare(gguf: Path, model_dir: Path, logits: bool = True, n_new: int = 8) ->
             res["max_abs_logit"] = max(res["max_abs_logit"], float(np.abs(want).max()))
             res["top1_equal"] += int((got.argmax(-1) == want.argmax(-1)).sum())
             res["positions"] += len(ids)
-            hf_new, seq = [], list(ids)
-            for _ in range(n_new):  # argmax over the whole sequence each time, as LlamaCpp.greedy does
+            hf_new, past, step = [], None, ids
+            while len(hf_new) < n_new:  # argmax on transformers' KV cache, as LlamaCpp.greedy does on llama.cpp's
                 with torch.no_grad():
-                    hf_new.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-                seq.append(hf_new[-1])
+                    o = model(torch.tensor([step]), cache=past, use_cache=True)
+                hf_new.append(int(o.logits[0, -1].argmax()))
+                past, step = o.cache, hf_new[-1:]
             res["greedy"].append({"hf": hf_new, "llama": llm.greedy(ids, n_new)})
     return res
 
