@@ -240,7 +240,7 @@ def gguf_card(run_dir: Path, m: Manifest, recipe_text: str, step: int, quant: st
         f"{base_line}. The tokenizer, its special tokens and the chat template are in the file.", "",
         "## llama.cpp", "",
         "```bash",
-        f"llama-cli -m {file_name} -cnv          # chat, with the embedded chat template",
+        f"llama-cli -m {file_name} -cnv --jinja  # chat, rendering the embedded chat template as transformers does",
         f"llama-server -m {file_name} --jinja    # an OpenAI-compatible server",
         "```", "",
         "## Ollama", "",

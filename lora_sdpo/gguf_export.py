@@ -9,11 +9,13 @@
       export.json       written last: the marker of a finished export, every file and its size
 
 Written with the `gguf` library (gguf-py, llama.cpp's own): its writer, its tensor-name map for the
-llama architecture (which llama.cpp also uses for Mistral) and its vocabulary readers
-(`LlamaHfVocab` for tokenizer.json, `SpecialVocab` for the special tokens and the chat template).
-What convert_hf_to_gguf.py does beyond configuring these for Llama is done here the same way:
-q_proj/k_proj rows are permuted to llama.cpp's rotary layout, 1-D tensors stay float32, the
-vocabulary is padded to the embedding rows. Other architectures are refused by name.
+llama architecture (which llama.cpp also uses for Mistral) and `SpecialVocab` (special tokens, merges,
+chat template). What convert_hf_to_gguf.py does beyond configuring these for Llama is done here the
+same way: q_proj/k_proj rows are permuted to llama.cpp's rotary layout, 1-D tensors stay float32, the
+vocabulary is padded to the embedding rows, the size label is written, and the tokenizer is written as
+the converter writes a sentencepiece-style or a GPT-2-style BPE (_vocab; docs/export-and-push.md says
+what llama.cpp b4965 reads from it, measured by tests/test_gguf_llama_cpp.py). Other architectures and
+tokenizers are refused by name.
 """
 
 from __future__ import annotations
@@ -61,31 +63,108 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _vocab(model_dir: Path, n_vocab: int):
+def _merge_pairs(merges: list) -> list[tuple[str, str]]:
+    # tokenizer.json holds merges as "a b" strings (older) or [a, b] lists (transformers >= 4.45).
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in merges]
+
+
+def _pre_tokenizer_kind(model_dir: Path, tj: dict) -> tuple[str, str]:
+    """(tokenizer.ggml.model, tokenizer.ggml.pre) for tokenizer.json, as llama.cpp's converter names them.
+
+    Two kinds are written; anything else is refused by name rather than guessed:
+    - sentencepiece-style BPE with byte fallback and the "▁" space marker (Llama 2, Mistral, phi-3):
+      ("llama", "default"), llama.cpp's SPM tokenizer;
+    - GPT-2-style byte-level BPE: ("gpt2", "gpt-2") when the pre-tokenizer is ByteLevel's regex alone,
+      ("gpt2", "smollm") when digits are first split one by one (SmolLM, SmolLM2): the regexes llama.cpp
+      runs under those names are these pre-tokenizers'.
+    """
+    model, pre, norm = tj.get("model") or {}, tj.get("pre_tokenizer"), tj.get("normalizer")
+    parts = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre] if pre else [])
+    types = [p.get("type") for p in parts]
+    if model.get("type") == "BPE" and model.get("byte_fallback") and "ByteLevel" not in types:
+        return "llama", "default"
+    if model.get("type") == "BPE" and types and types[-1] == "ByteLevel" and norm is None:
+        bl = parts[-1]
+        if bl.get("use_regex", True) and not bl.get("add_prefix_space", False):
+            if types == ["ByteLevel"]:
+                return "gpt2", "gpt-2"
+            if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+                return "gpt2", "smollm"
+    raise GGUFError(f"{model_dir / 'tokenizer.json'}: a {model.get('type')} tokenizer with pre-tokenizer {types or None} and "
+                    f"normalizer {(norm or {}).get('type')} is not one the GGUF export writes (sentencepiece-style BPE with "
+                    "byte fallback; GPT-2 byte-level BPE, plain or with single digits as SmolLM's). Export safetensors "
+                    "(the default format) and convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _space_prefix(tj: dict) -> bool:
+    """tokenizer.ggml.add_space_prefix of a sentencepiece-style tokenizer: does "▁" go before text?
+
+    llama.cpp puts it before the text after every special token, or nowhere. transformers (5.x) rebuilds
+    a Llama/phi-3 tokenizer with Metaspace(prepend_scheme="first"): the marker before the very first
+    word of the input only, and not when the text already starts with a space. GGUF cannot say
+    "first"; this writes False for it, so that every text that follows a special token, which is every
+    message of a chat prompt, tokenises as in transformers; what differs is a text that starts with a
+    word and no special token before it (llama.cpp then gives that first word without its marker)."""
+    pre = tj.get("pre_tokenizer") or {}
+    for p in pre.get("pretokenizers", [pre]):
+        if p.get("type") == "Metaspace":
+            return p.get("prepend_scheme", "always") == "always" and p.get("add_prefix_space", True)
+    return False
+
+
+def _vocab(model_dir: Path, n_vocab: int) -> dict:
+    """The tokenizer as llama.cpp's converter writes it: {model, pre, tokens, types, scores or None, space_prefix}."""
     import gguf
 
-    if not (model_dir / "tokenizer.json").is_file():
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
         raise GGUFError(f"{model_dir}: no tokenizer.json; the GGUF export embeds the tokenizer from it")
-    try:
-        vocab = gguf.LlamaHfVocab(model_dir)
-    except Exception as e:  # gguf-py raises plain exceptions for tokenizers it does not read
-        raise GGUFError(f"{model_dir}: the tokenizer is not a Llama-style (sentencepiece BPE) tokenizer.json that GGUF's "
-                        f"llama vocabulary can hold ({type(e).__name__}: {e})") from None
-    tokens, scores, types = [], [], []
-    for i, (text, _, toktype) in enumerate(vocab.all_tokens()):
-        tokens.append(text)
-        # gguf-py gives every token of a tokenizer.json the same score; llama.cpp's sentencepiece
-        # tokenizer merges by score. A sentencepiece-derived vocabulary is in merge order, so the
-        # id is the rank: the score sentencepiece itself gives (-id for normal pieces).
-        scores.append(-float(i) if toktype == gguf.TokenType.NORMAL else 0.0)
-        types.append(toktype)
-    if len(tokens) > n_vocab:
-        raise GGUFError(f"{model_dir}: the tokenizer has {len(tokens)} tokens but the embeddings only {n_vocab} rows")
-    for i in range(len(tokens), n_vocab):  # rows the model has beyond the tokenizer (padded vocabularies)
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    return tokens, scores, types
+    tj = json.loads(path.read_text(encoding="utf-8"))
+    kind, pre = _pre_tokenizer_kind(model_dir, tj)
+    vocab: dict[str, int] = tj["model"]["vocab"]
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    size = max([*vocab.values(), *added]) + 1
+    if size > n_vocab:
+        raise GGUFError(f"{model_dir}: the tokenizer has {size} tokens but the embeddings only {n_vocab} rows")
+    tokens: list[str | None] = [None] * n_vocab
+    for text, i in vocab.items():
+        tokens[i] = text
+    types = [gguf.TokenType.NORMAL] * n_vocab
+    unk = tj["model"].get("unk_token")
+    for i, text in enumerate(tokens):
+        if text is None:
+            continue
+        if kind == "llama" and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types[i] = gguf.TokenType.BYTE
+        elif text == unk:
+            types[i] = gguf.TokenType.UNKNOWN
+    for i, a in added.items():  # the converter's rule: special added tokens are control tokens, others user-defined
+        tokens[i] = a["content"]
+        types[i] = gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED
+    for i, text in enumerate(tokens):  # rows the model has beyond the tokenizer (padded vocabularies)
+        if text is None:
+            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
+    scores = None
+    if kind == "llama":
+        # llama.cpp's SPM tokenizer joins adjacent pieces by the score of what they make, highest first;
+        # transformers' BPE applies merges by rank, lowest first. So the score of a token is minus the
+        # rank of the merge that makes it (what sentencepiece's own scores order by). The id is not the
+        # rank: phi-3's runs of 2-16 spaces have ids 259-273 and come last among 61,249 merges.
+        rank: dict[str, int] = {}
+        for r, (a, b) in enumerate(_merge_pairs(tj["model"].get("merges", []))):
+            rank.setdefault(a + b, r)
+        last = len(rank)
+        scores = [0.0] * n_vocab
+        for i, text in enumerate(tokens):
+            if types[i] == gguf.TokenType.NORMAL:
+                # a piece no merge makes is never made by transformers; rank it below every merge
+                scores[i] = -float(rank.get(text, last + i))
+            elif types[i] in (gguf.TokenType.USER_DEFINED, gguf.TokenType.CONTROL):
+                scores[i] = -1000.0  # the converter's score for added tokens
+            elif types[i] == gguf.TokenType.UNUSED:
+                scores[i] = -10000.0
+    return {"model": kind, "pre": pre, "tokens": [t.encode("utf-8") for t in tokens], "types": types, "scores": scores,
+            "space_prefix": _space_prefix(tj) if kind == "llama" else False}
 
 
 def _tensor_plan(model_dir: Path, config: dict, quant: str):
@@ -141,10 +220,13 @@ def write_gguf(model_dir: Path, path: Path, quant: str, name: str) -> None:
     heads = config["num_attention_heads"]
     plan = _tensor_plan(model_dir, config, quant)
     n_vocab = config["vocab_size"]
-    tokens, scores, types = _vocab(model_dir, n_vocab)
+    vocab = _vocab(model_dir, n_vocab)
 
     w = gguf.GGUFWriter(path, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_name(name)
+    # The size as the converter labels it ("135M", "7B"): the model's own parameters, a tied head once.
+    n_params = sum(int(np.prod(info.shape)) for hf, info in model_tensors(model_dir).items() if not hf.endswith("inv_freq"))
+    w.add_size_label(gguf.size_label(n_params, 0, 0, 0))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(config["max_position_embeddings"])
@@ -158,13 +240,23 @@ def write_gguf(model_dir: Path, path: Path, quant: str, name: str) -> None:
     w.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(n_vocab)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    # The merges too: transformers' GGUF reader rebuilds the tokenizer from them exactly (without them it guesses).
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    if vocab["scores"] is not None:
+        w.add_token_scores(vocab["scores"])
+    w.add_token_types(vocab["types"])
+    w.add_add_space_prefix(vocab["space_prefix"])
+    # The merges too: llama.cpp's byte-level BPE applies them by rank, and transformers' GGUF reader
+    # rebuilds either kind of tokenizer from them exactly (without them it guesses).
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    if "bos" not in special.add_special_token or "eos" not in special.add_special_token:
+        # tokenizer.json's post-processor says whether a bos/eos token is added; written either way so
+        # that llama.cpp does not fall back to its default for the tokenizer kind.
+        post = (json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("post_processor") or {})
+        single = [p for q in post.get("processors", [post]) if q.get("type") == "TemplateProcessing" for p in q.get("single", [])]
+        special.add_special_token.setdefault("bos", bool(single) and "SpecialToken" in single[0])
+        special.add_special_token.setdefault("eos", bool(single) and "SpecialToken" in single[-1])
     special.add_to_gguf(w, quiet=True)
     if not special.chat_template:
         tc = json.loads((model_dir / "tokenizer_config.json").read_text()) if (model_dir / "tokenizer_config.json").is_file() else {}

@@ -100,3 +100,32 @@ def test_gguf_refusals(two_step_run, tmp_path):
     res = _invoke("export", str(two_step_run), "--output", str(tmp_path / "a"), "--format", "gguf", "--what", "adapter")
     assert res.exit_code == 2 and "--what adapter is written as safetensors only" in res.output
     assert not (tmp_path / "a").exists()
+
+
+def test_vocab_kinds_and_scores(tmp_path):
+    """The tokenizer as written (no llama.cpp needed; tests/test_gguf_llama_cpp.py reads it with llama.cpp)."""
+    import gguf
+
+    from conftest import MODEL
+    from lora_sdpo.gguf_export import GGUFError, _pre_tokenizer_kind, _vocab
+
+    tj = json.loads((MODEL / "tokenizer.json").read_text())
+    v = _vocab(MODEL, 32064)
+    assert (v["model"], v["pre"], v["space_prefix"]) == ("llama", "default", False)
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in tj["model"]["merges"]]
+    rank = merges.index(("▁", "▁"))
+    assert rank > 61_000 and v["scores"][259] == -rank  # "▁▁" (id 259) is made by one of the last merges
+    assert v["scores"][tj["model"]["vocab"]["▁t"]] == 0.0  # the first merge
+    assert v["types"][13] == gguf.TokenType.BYTE and v["types"][32010] == gguf.TokenType.CONTROL  # <0x0A>, <|user|>
+    assert v["tokens"][32063] == b"[PAD32063]" and v["types"][32063] == gguf.TokenType.UNUSED
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    bpe = {"model": {"type": "BPE"}, "normalizer": None}
+    assert _pre_tokenizer_kind(tmp_path, {**bpe, "pre_tokenizer": byte_level}) == ("gpt2", "gpt-2")
+    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level]}
+    assert _pre_tokenizer_kind(tmp_path, {**bpe, "pre_tokenizer": smollm}) == ("gpt2", "smollm")
+    llama3 = {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "..."}}, byte_level]}
+    with pytest.raises(GGUFError, match="is not one the GGUF export writes"):
+        _pre_tokenizer_kind(tmp_path, {**bpe, "pre_tokenizer": llama3})
+    with pytest.raises(GGUFError, match="is not one the GGUF export writes"):
+        _pre_tokenizer_kind(tmp_path, {"model": {"type": "WordPiece"}, "pre_tokenizer": {"type": "BertPreTokenizer"}})
