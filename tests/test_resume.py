@@ -208,7 +208,7 @@ def test_too_little_disk_for_m_t_stops_before_training(tmp_path, data_dir, monke
 
 
 def test_length_grouped_order_comes_from_seed_and_epoch():
-    from lora_sdpo.trainer import EpochSeededLengthGroupedSampler
+    from lora_sdpo.trl_compat import EpochSeededLengthGroupedSampler
 
     g = torch.Generator().manual_seed(0)
     lengths = [int(x) for x in torch.randint(5, 500, (64,), generator=g)]
