@@ -84,7 +84,9 @@ def child(folder: Path, arm: str, ragged: bool = False) -> dict:
 
     from lora_sdpo import pairs
     from lora_sdpo.model import load_base, lora_config
-    from lora_sdpo.trainer import ResumableDPOTrainer, dpo_config
+    from lora_sdpo.step import reference_logps, reference_view
+    from lora_sdpo.trainer import dpo_config
+    from lora_sdpo.trl_compat import ResumableDPOTrainer, use_reference_logps
     from memwatch import reset_peak, status
 
     recipe = recipe_for(folder, arm)
@@ -103,12 +105,16 @@ def child(folder: Path, arm: str, ragged: bool = False) -> dict:
     model = load_base(folder, recipe.adapter)
     out["weights"] = status("VmRSS") - r0
     with tempfile.TemporaryDirectory() as d:
-        args = dpo_config(recipe, Path(d))
+        args = dpo_config(recipe.step_settings(1), Path(d))
         args.max_steps = 1
         r0 = status("VmRSS")
         reset_peak()
         trainer = ResumableDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
-                                      peft_config=lora_config(recipe.adapter), prefix_sharing=arm == "pairs")
+                                      peft_config=lora_config(recipe.adapter))
+        # the reference pass as step.py's reference phase runs it
+        pairs.install(trainer.model.get_base_model(), enabled=arm == "pairs")
+        with reference_view(trainer.model) as start:
+            use_reference_logps(trainer, *reference_logps(trainer, start, args.per_device_train_batch_size, 1))
         out["reference_pass_peak"] = status("VmHWM") - r0
         lens = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset]
         assert min(lens) >= t.max_length, lens  # the widest row of each pair fills max_length

@@ -387,10 +387,6 @@ class Recipe(_Strict):
             raise ValueError("add at least one [[steps]] table")
         return v
 
-    def for_step(self, index: int) -> "Recipe":
-        """The recipe as step `index` (1-based) runs it: [training] with the step's own overrides applied."""
-        return self.model_copy(update={"training": self.step_training(index)})
-
     def step_training(self, index: int) -> TrainingConfig:
         override = self.steps[index - 1].training.model_dump(exclude_none=True)
         if not override:

@@ -31,7 +31,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from trl import DPOTrainer
 
 # The TRL releases this module was written against (1.16.0 is the one tested); outside it, see check().
-TRL_RANGE = SpecifierSet(">=1.16.0,<1.17")
+TRL_RANGE = ">=1.16.0,<1.17"
 TRL_TESTED = "1.16.0"
 
 
@@ -104,7 +104,7 @@ def check(version: str | None = None) -> None:
               "or a lora-sdpo release written for your TRL.")
     if gone:
         raise ImportError(f"{advice} These TRL internals it uses are not there: " + "; ".join(gone))
-    if Version(version) not in TRL_RANGE:
+    if Version(version) not in SpecifierSet(TRL_RANGE):
         warnings.warn(f"{advice} Every internal it uses is present, so it may work; the tests have not run with it.",
                       stacklevel=2)
 

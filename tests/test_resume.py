@@ -86,6 +86,50 @@ def test_killed_at_each_phase_resumes_to_the_uninterrupted_result(tmp_path, data
     _assert_same_result(out, two_step_run)
 
 
+def test_a_kill_in_each_phase_resumes_that_phase_only(tmp_path, data_dir, two_step_run):
+    """Step 1 of a one-step run killed in each of its phases in turn (the record's `phase` decides
+    what a resume runs; the phases before it are read back, not redone), then run to the end: A_1,
+    M_1, the losses and the retention equal the uninterrupted run's step 1, bit for bit."""
+    recipe = write_recipe(tmp_path, data_dir, steps=("orca.jsonl",))
+    out = tmp_path / "run"
+    ref_logps, metrics = out / "step-1/data/ref_logps.safetensors", out / "step-1/metrics.jsonl"
+    adapter, model = out / "step-1/adapter/adapter_model.safetensors", out / "step-1/model/model.safetensors"
+
+    def killed_at(point: str, resumes: str | None) -> dict:
+        proc = cli("run", str(recipe), "--output", str(out), check=False, env={"LORA_SDPO_FAULT": point})
+        assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-3000:])
+        if resumes:
+            assert f"resuming the interrupted step (its {resumes} phase)" in proc.stdout, (point, proc.stdout[-2000:])
+        return _manifest(out)["steps"][0]
+
+    rec = killed_at("step1:reference", None)  # reference log-probs computed, not yet saved
+    assert rec["phase"] == "reference" and not ref_logps.exists()
+    rec = killed_at("step1:adapter", "reference")  # A_1 saved, the record not yet written
+    assert rec["phase"] == "train" and adapter.exists() and "adapter_files" not in rec
+    seen = {p: p.stat().st_mtime_ns for p in (ref_logps,)}
+    trained = metrics.read_text()
+    rec = killed_at("step1:retention", "train")  # retention measured, not yet recorded
+    assert {p: p.stat().st_mtime_ns for p in seen} == seen  # the reference pass was read back, not redone
+    assert metrics.read_text() == trained and rec["resumed"] == ["train from checkpoint-3"]
+    assert rec["phase"] == "retention" and "retention_detail" not in rec
+    seen = {p: p.stat().st_mtime_ns for p in (ref_logps, adapter, model)}
+    rec = killed_at("step1:diagnostics", "retention")  # gamma rows computed, the step not yet done
+    assert {p: p.stat().st_mtime_ns for p in seen} == seen  # neither A_1 nor M_1 written again
+    assert rec["phase"] == "diagnostics" and rec["retention_detail"]["sample"] == 8
+    proc = cli("run", str(recipe), "--output", str(out))
+    assert "resuming the interrupted step (its diagnostics phase)" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in seen} == seen
+    m = _manifest(out)
+    done, ref = m["steps"][0], _manifest(two_step_run)["steps"][0]
+    assert done["status"] == "done" and "phase" not in done and done["retention_detail"] == rec["retention_detail"]
+    assert set(m["gamma_matrix"]["rows"]) == {"S", "M_1"}
+    for key in ("first_loss", "last_loss", "reward_accuracy", "gamma_ref_mean", "retention_detail", "tokens"):
+        assert done[key] == ref[key], key
+    for rel in ("step-1/adapter/adapter_model.safetensors", "step-1/model/model.safetensors"):
+        a, b = load_file(out / rel), load_file(two_step_run / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+
+
 def _damage_m2(out: Path) -> None:
     f = out / "step-2/model/model.safetensors"
     data = bytearray(f.read_bytes())
