@@ -80,13 +80,12 @@ def child(folder: Path, arm: str, ragged: bool = False) -> dict:
     import datasets
     import torch
     from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     from lora_sdpo import pairs
     from lora_sdpo.model import load_base, lora_config
     from lora_sdpo.step import reference_logps, reference_view
     from lora_sdpo.trainer import dpo_config
-    from lora_sdpo.trl_compat import ResumableDPOTrainer, use_reference_logps
+    from lora_sdpo.trl_compat import ResumableDPOTrainer, trl_vocab_tile, use_reference_logps
     from memwatch import reset_peak, status
 
     recipe = recipe_for(folder, arm)
@@ -185,7 +184,7 @@ def child(folder: Path, arm: str, ragged: bool = False) -> dict:
             if arm == "pairs":
                 lp = pairs.head_log_probs(h, w, None, labels[:, 1:][mask], base.config)[0]
             else:
-                lp = ChunkedLogProbFunction.apply(h, w, None, labels[:, 1:].clamp(min=0).reshape(-1), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                lp = ChunkedLogProbFunction.apply(h, w, None, labels[:, 1:].clamp(min=0).reshape(-1), 1.0, trl_vocab_tile(),
                                                   None, 1.0, ("log_probs", "entropy", "mean_logits", "is_top1"))[0]
                 lp = lp.view(mask.shape)[mask]
             lp.sum().backward()

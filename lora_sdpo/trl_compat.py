@@ -79,6 +79,8 @@ TOUCH_POINTS = (
                "read at call time: the pair forward's LM head takes TRL's Triton branch where TRL's own would"),
     TouchPoint("trl.kernels.chunked_logprob", "TOKEN_CHUNK_SIZE",
                "read: the token chunk of TRL's LM-head kernel, to size its vocabulary tile"),
+    TouchPoint("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE",
+               "read by bench/pair_forward.py and bench/memory_7b.py: the vocabulary tile of TRL's own fused head, their baseline"),
     TouchPoint("trl.data_utils", "_tokenize",
                "read: tokenises a pair exactly as DPOTrainer does (the gamma samples, the retention sample)"),
     TouchPoint("trl.data_utils", "common_prefix_length",
@@ -117,7 +119,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402,F401
 from trl.trainer.utils import FusedCausalLMOutput  # noqa: E402,F401
 
 __all__ = ["DataCollatorForPreference", "FusedCausalLMOutput", "ResumableDPOTrainer", "EpochSeededLengthGroupedSampler",
-           "common_prefix_length", "tokenize", "token_chunk_size", "use_triton", "use_reference_logps"]
+           "common_prefix_length", "tokenize", "token_chunk_size", "trl_vocab_tile", "use_triton", "use_reference_logps"]
 
 
 def tokenize(tokenizer, text, **kwargs) -> dict:
@@ -132,7 +134,15 @@ def use_triton(device) -> bool:
 
 
 def token_chunk_size() -> int:
+    """The token chunk of TRL's LM-head kernel."""
     return _chunked.TOKEN_CHUNK_SIZE
+
+
+def trl_vocab_tile() -> int:
+    """The vocabulary tile TRL's own fused head (add_fused_lm_head) uses."""
+    from trl.trainer import utils
+
+    return utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 
 def use_reference_logps(trainer: DPOTrainer, chosen: torch.Tensor, rejected: torch.Tensor) -> None:

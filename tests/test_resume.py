@@ -130,6 +130,37 @@ def test_a_kill_in_each_phase_resumes_that_phase_only(tmp_path, data_dir, two_st
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
 
 
+def test_the_record_phase_decides_and_the_hashes_verify(tmp_path, two_step_run):
+    """The phase table: a resumed step starts at the phase its record names, unless what an earlier
+    phase wrote no longer matches the record's sha256; then it starts at that earlier phase."""
+    from types import SimpleNamespace
+
+    from lora_sdpo import manifest
+    from lora_sdpo.rundir import RunDir
+    from lora_sdpo.step import PHASES, READ_BACK, VERIFY, StepContext, StepRun, first_phase
+
+    assert list(PHASES) == ["reference", "train", "merge", "retention", "diagnostics"]
+    assert set(READ_BACK) == set(VERIFY) == set(PHASES) - {"diagnostics"}
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    run = RunDir(out)
+    done = manifest.read(run).step(2)
+    assert set(done.reference_files) == {"pairs.jsonl", "ref_logps.safetensors"}
+    ctx = StepContext(run=run, base_dir=out, tokenizer=None, samples={}, gamma_max_length=128, gamma_prefix_sharing=True)
+
+    def start(phase: str) -> str:
+        record = done.model_copy(update={"status": "running", "phase": phase})
+        return first_phase(StepRun(ctx, SimpleNamespace(index=2, target_init="previous"), None, record))
+
+    assert [start(p) for p in PHASES] == list(PHASES)
+    _damage_m2(out)
+    assert start("diagnostics") == start("retention") == "merge" and start("merge") == "merge"
+    (out / "step-2/adapter/adapter_config.json").write_text("{}")
+    assert start("diagnostics") == "train"
+    (out / "step-2/data/ref_logps.safetensors").unlink()
+    assert start("diagnostics") == start("train") == "reference"
+
+
 def _damage_m2(out: Path) -> None:
     f = out / "step-2/model/model.safetensors"
     data = bytearray(f.read_bytes())
