@@ -87,7 +87,8 @@ class JsonlMetrics(TrainerCallback):
         """Resuming from the checkpoint of optimizer step `keep_until` keeps the records up to it.
         path None: a process other than the main one, which writes nothing."""
         self.path = path
-        self.records = [r for r in read_jsonl(path) if keep_until and r.get("step", 0) <= keep_until] if path else []
+        # (the summary record of a finished train() goes: the resumed one writes its own)
+        self.records = [r for r in read_jsonl(path) if keep_until and r.get("step", 0) <= keep_until and "train_runtime" not in r] if path else []
         if path is not None:
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 

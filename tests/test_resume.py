@@ -107,10 +107,15 @@ def test_a_kill_in_each_phase_resumes_that_phase_only(tmp_path, data_dir, two_st
     rec = killed_at("step1:adapter", "reference")  # A_1 saved, the record not yet written
     assert rec["phase"] == "train" and adapter.exists() and "adapter_files" not in rec
     seen = {p: p.stat().st_mtime_ns for p in (ref_logps,)}
-    trained = metrics.read_text()
+
+    def updates() -> list[str]:  # the optimizer updates' records (the summary line is TRL's per call of train)
+        return [line for line in metrics.read_text().splitlines() if "train_runtime" not in line]
+
+    trained = updates()
+    assert len(trained) == 3
     rec = killed_at("step1:retention", "train")  # retention measured, not yet recorded
     assert {p: p.stat().st_mtime_ns for p in seen} == seen  # the reference pass was read back, not redone
-    assert metrics.read_text() == trained and rec["resumed"] == ["train from checkpoint-3"]
+    assert updates() == trained and rec["resumed"] == ["train from checkpoint-3"]  # no update trained again
     assert rec["phase"] == "retention" and "retention_detail" not in rec
     seen = {p: p.stat().st_mtime_ns for p in (ref_logps, adapter, model)}
     rec = killed_at("step1:diagnostics", "retention")  # gamma rows computed, the step not yet done
