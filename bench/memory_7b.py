@@ -80,11 +80,12 @@ def child(folder: Path, arm: str, ragged: bool = False) -> dict:
     import datasets
     import torch
     from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     from lora_sdpo import pairs
     from lora_sdpo.model import load_base, lora_config
-    from lora_sdpo.trainer import ResumableDPOTrainer, dpo_config
+    from lora_sdpo.step import reference_logps, reference_view
+    from lora_sdpo.trainer import dpo_config
+    from lora_sdpo.trl_compat import ResumableDPOTrainer, trl_vocab_tile, use_reference_logps
     from memwatch import reset_peak, status
 
     recipe = recipe_for(folder, arm)
@@ -103,12 +104,16 @@ def child(folder: Path, arm: str, ragged: bool = False) -> dict:
     model = load_base(folder, recipe.adapter)
     out["weights"] = status("VmRSS") - r0
     with tempfile.TemporaryDirectory() as d:
-        args = dpo_config(recipe, Path(d))
+        args = dpo_config(recipe.step_settings(1), Path(d))
         args.max_steps = 1
         r0 = status("VmRSS")
         reset_peak()
         trainer = ResumableDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
-                                      peft_config=lora_config(recipe.adapter), prefix_sharing=arm == "pairs")
+                                      peft_config=lora_config(recipe.adapter))
+        # the reference pass as step.py's reference phase runs it
+        pairs.install(trainer.model.get_base_model(), enabled=arm == "pairs")
+        with reference_view(trainer.model) as start:
+            use_reference_logps(trainer, *reference_logps(trainer, start, args.per_device_train_batch_size, 1))
         out["reference_pass_peak"] = status("VmHWM") - r0
         lens = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset]
         assert min(lens) >= t.max_length, lens  # the widest row of each pair fills max_length
@@ -179,7 +184,7 @@ def child(folder: Path, arm: str, ragged: bool = False) -> dict:
             if arm == "pairs":
                 lp = pairs.head_log_probs(h, w, None, labels[:, 1:][mask], base.config)[0]
             else:
-                lp = ChunkedLogProbFunction.apply(h, w, None, labels[:, 1:].clamp(min=0).reshape(-1), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                lp = ChunkedLogProbFunction.apply(h, w, None, labels[:, 1:].clamp(min=0).reshape(-1), 1.0, trl_vocab_tile(),
                                                   None, 1.0, ("log_probs", "entropy", "mean_logits", "is_top1"))[0]
                 lp = lp.view(mask.shape)[mask]
             lp.sum().backward()

@@ -94,8 +94,9 @@ def child(args) -> dict:
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, add_fused_lm_head
+    from trl.trainer import add_fused_lm_head
+
+    from lora_sdpo.trl_compat import DataCollatorForPreference, trl_vocab_tile
 
     from lora_sdpo import pairs
     from lora_sdpo.model import keep_nf4_layers_differentiable, load_base, load_tokenizer
@@ -168,7 +169,7 @@ def child(args) -> dict:
         del h
         w = model.lm_head.weight
         targets = labels[:, 1:][mask] if a == "pairs" else labels[:, 1:].clamp(min=0).reshape(-1)
-        chunk = pairs.vocab_tile(len(targets), w.shape[0], w.device) if a == "pairs" else _CHUNKED_LOGPROB_CHUNK_SIZE
+        chunk = pairs.vocab_tile(len(targets), w.shape[0], w.device) if a == "pairs" else trl_vocab_tile()
         t = time.perf_counter()
         lp = ChunkedLogProbFunction.apply(hh, w, None, targets, 1.0, chunk, None, 1.0,
                                           ("log_probs", "entropy", "mean_logits", "is_top1"))[0]

@@ -82,7 +82,8 @@ def child(model: str, batch: int, max_length: int, gc: bool) -> dict:
     model_ = load_base(model, recipe.adapter)
     weights = status("VmRSS") - before
     with tempfile.TemporaryDirectory() as out:
-        args = dpo_config(recipe, Path(out))
+        args = dpo_config(recipe.step_settings(1), Path(out))
+        args.precompute_ref_log_probs = True  # plain TRL here: its own reference pass, as before training
         args.max_steps = 1
         trainer = DPOTrainer(model=model_, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok, peft_config=lora_config(recipe.adapter))
         lens = [len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset]

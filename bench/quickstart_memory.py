@@ -72,7 +72,8 @@ class Sampler:
         self.events.append((time.perf_counter() - self.t0, self.status("VmRSS"), kind, label))
 
     def wrap(self, owner, attr: str, label):
-        fn = getattr(owner, attr)
+        """Mark entry and exit of owner.attr (owner[attr] for a dict, e.g. step.PHASES)."""
+        fn = owner[attr] if isinstance(owner, dict) else getattr(owner, attr)
 
         @functools.wraps(fn)
         def wrapped(*a, **k):
@@ -87,7 +88,10 @@ class Sampler:
                 self.mark("exit", self.label())
                 self.stack.pop()
 
-        setattr(owner, attr, wrapped)
+        if isinstance(owner, dict):
+            owner[attr] = wrapped
+        else:
+            setattr(owner, attr, wrapped)
 
 
 def main() -> None:
@@ -102,7 +106,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from memwatch import status
-    from lora_sdpo import cli, run as run_mod, step as step_mod
+    from lora_sdpo import cli, step as step_mod
     from lora_sdpo.samples import SampleLog
 
     s = Sampler(args.interval)
@@ -114,11 +118,11 @@ def main() -> None:
     alive_at_start: dict[int, list[str]] = {}
     current = {"step": 0}
 
-    def run_step_label(ctx, index, *a, **k):
-        current["step"] = index
+    def step_label(step):
+        current["step"] = index = step.index
         gc.collect()
         alive_at_start[index] = [f"step {st} {what}" for st, what, r in models if r() is not None]
-        return f"step {index}"
+        return f"step {index} start"
 
     load_base = step_mod.load_base
 
@@ -128,9 +132,12 @@ def main() -> None:
         return m
 
     step_mod.load_base = tracked_load_base
-    s.wrap(run_mod, "run_step", run_step_label)
+    s.wrap(step_mod, "first_phase", step_label)
+    for name in step_mod.PHASE_NAMES:  # each phase of each step
+        s.wrap(step_mod.PHASES, name, lambda step, *a, name=name: f"step {step.index} {name}")
     s.wrap(step_mod, "load_base", "load model")
-    s.wrap(step_mod.ResumableDPOTrainer, "__init__", "trainer + reference pass")
+    s.wrap(step_mod.ResumableDPOTrainer, "__init__", "trainer")
+    s.wrap(step_mod, "reference_logps", "reference pass")
     s.wrap(step_mod.ResumableDPOTrainer, "train", "train")
     s.wrap(step_mod, "sequence_logps", "retention pass")
     s.wrap(step_mod, "merge_lora", "merge")

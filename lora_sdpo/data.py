@@ -308,7 +308,7 @@ def write_pairs(pairs: PairSet, path: Path) -> None:
 
 def tokenize_pair(row: dict, tokenizer) -> dict:
     """prompt_ids / chosen_ids / rejected_ids exactly as TRL's DPOTrainer tokenises a pair."""
-    from trl.data_utils import _tokenize, common_prefix_length
+    from .trl_compat import common_prefix_length, tokenize as _tokenize
 
     if isinstance(row["chosen"], list):
         tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")

@@ -360,8 +360,8 @@ def compute_as_ddp(trainer) -> None:
     """Under FSDP2, compute in the dtypes DDP computes in: bf16 through autocast, no weight casts.
 
     accelerate gives FSDP2 a mixed-precision policy that casts every weight it gathers to the
-    autocast dtype (norms, embeddings, head and the LoRA weights included). TRL's reference pass runs
-    in the trainer's __init__, before accelerate wraps the model, so it sees the weights as stored:
+    autocast dtype (norms, embeddings, head and the LoRA weights included). The reference pass (step.py)
+    runs before accelerate wraps the model (in `train`), so it sees the weights as stored:
     the training forward would then no longer be the reference pass, and the first loss of a step
     would not be ln 2 (0.7005 against ln 2 on the test recipe in bf16 over two processes). With no
     casts in the policy, autocast alone (which accelerate applies under FSDP2 as under DDP) decides

@@ -11,8 +11,8 @@ it is current. Every module reads and writes the run state through them:
 
 A record keeps only the keys that were set (read from the file or assigned), so a file written
 back holds what it held plus what changed; keys not declared here (written by a newer step of the
-pipeline) are kept as they are, not refused. `decide` is the resume decision for one step: what a
-run does with the step's record as the manifest holds it.
+pipeline) are kept as they are, not refused. `decide` is the resume decision for one step: skip,
+redo, start it, or resume it from the phase its record names (step.py's phase table runs it).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class StepRecord(_Record):
 
     index: int = Field(description="t, from 1.")
     status: Literal["pending", "running", "done", "failed"] = Field(description="Where the step stands; resume redoes what is not done.")
-    phase: str | None = Field(None, description="While running: the phase reached (reference, train, merge, retention); resume restarts it.")
+    phase: str | None = Field(None, description="While running: the phase to run next (reference, train, merge, retention, diagnostics); a resume runs it and the ones after it.")
     error: str | None = Field(None, description="Why a failed step stopped.")
     resumed: list[str] | None = Field(default_factory=list, description="What a resume picked up, e.g. `train from checkpoint-2`.")
     data_fingerprint: str | None = Field(None, description="sha256 of D_t's normalised pairs; a resume refuses other data.")
@@ -93,6 +93,7 @@ class StepRecord(_Record):
     timings_partial: dict[str, float] | None = Field(default_factory=dict, description="While running: seconds of the phases done so far, carried over by a resume.")
     adapter: str | None = Field(None, description="A_t's folder, relative to the run directory.")
     model: str | None = Field(None, description="M_t's folder, relative to the run directory; None once pruned (run.keep_models).")
+    reference_files: dict[str, str] | None = Field(default_factory=dict, description="sha256 of data/pairs.jsonl and data/ref_logps.safetensors (the reference phase); a resume verifies them.")
     adapter_files: dict[str, str] | None = Field(default_factory=dict, description="sha256 of every file of A_t; a resume verifies them.")
     model_files: dict[str, str] | None = Field(default_factory=dict, description="sha256 of every file of M_t; a resume verifies them.")
 

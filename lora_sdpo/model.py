@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from trl.trainer.dpo_trainer import DataCollatorForPreference
-from trl.trainer.utils import add_fused_lm_head
+from trl.trainer import add_fused_lm_head
 
 from . import pairs
 from .errors import ModelError
 from .recipe import AdapterConfig
+from .trl_compat import DataCollatorForPreference
 
 
 def quantization_config(adapter: AdapterConfig, quant_storage: str | None = None) -> BitsAndBytesConfig | None:

@@ -33,8 +33,8 @@ gradient checkpointing replays it.
 The LM head scores only the positions whose next token is a completion token: on CUDA through
 TRL's public `trl.kernels.ChunkedLogProbFunction` (Triton) with a vocabulary tile sized so that one
 [tokens x vocab] tile stays under TILE_BYTES, elsewhere through TiledLogProbs. The branch is TRL's
-own predicate `trl.kernels.chunked_logprob._use_triton`, read at call time (tests/test_triton_head.py
-sets it to run the Triton branch on CPU tensors under Triton's interpreter). The output is TRL's
+own predicate `trl.kernels.chunked_logprob._use_triton`, read at call time through trl_compat.py
+(tests/test_triton_head.py sets it to run the Triton branch on CPU tensors under Triton's interpreter). The output is TRL's
 `FusedCausalLMOutput` in the padded two-row layout (log_probs, entropy, mean_logits, is_top1,
 log_sum_sq_probs), so TRL's loss code, metrics and every loss_type read it unchanged.
 
@@ -280,10 +280,11 @@ class TiledLogProbs(torch.autograd.Function):
 def head_log_probs(hidden, weight, bias, targets, cfg):
     """The LM head on the scored positions: TRL's Triton kernel on CUDA/XPU, TiledLogProbs elsewhere."""
     from trl.kernels import ChunkedLogProbFunction
-    from trl.kernels.chunked_logprob import _use_triton
+
+    from .trl_compat import use_triton
 
     softcap, scale = getattr(cfg, "final_logit_softcapping", None), getattr(cfg, "logit_scale", None) or 1.0
-    if _use_triton(hidden.device) or softcap is not None or scale != 1.0:
+    if use_triton(hidden.device) or softcap is not None or scale != 1.0:
         return ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0,
                                             vocab_tile(len(targets), weight.shape[0], hidden.device), softcap, scale, HEAD_OUTPUTS)
     return TiledLogProbs.apply(hidden, weight, bias, targets, tiled_rows(weight.shape[0], hidden.device.type))
@@ -300,10 +301,10 @@ def tiled_rows(vocab: int, device: str) -> int:
 
 def vocab_tile(n_tokens: int, vocab: int, device: torch.device) -> int:
     """Vocabulary columns per LM-head tile so that [min(n, 4096) x tile] float32 stays under the budget."""
-    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from .trl_compat import token_chunk_size
 
     budget = TILE_BYTES.get(device.type, TILE_BYTES_DEFAULT)
-    rows = max(1, min(n_tokens, TOKEN_CHUNK_SIZE))
+    rows = max(1, min(n_tokens, token_chunk_size()))
     cols = budget // (rows * 4)
     return int(min(vocab, max(256, cols // 256 * 256)))
 
@@ -398,7 +399,7 @@ def backbone_hidden(model, packs: list[Pack]) -> torch.Tensor:
 
 
 def _pair_forward(model, state: PairState, input_ids, labels, segments):
-    from trl.trainer.utils import FusedCausalLMOutput
+    from .trl_compat import FusedCausalLMOutput
 
     packs, starts = pack(input_ids, segments)
     hidden = backbone_hidden(model, packs)

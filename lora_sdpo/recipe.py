@@ -392,10 +392,6 @@ class Recipe(_Strict):
             raise ValueError("add at least one [[steps]] table")
         return v
 
-    def for_step(self, index: int) -> "Recipe":
-        """The recipe as step `index` (1-based) runs it: [training] with the step's own overrides applied."""
-        return self.model_copy(update={"training": self.step_training(index)})
-
     def step_training(self, index: int) -> TrainingConfig:
         override = self.steps[index - 1].training.model_dump(exclude_none=True)
         if not override:
@@ -434,6 +430,22 @@ class Recipe(_Strict):
         return self
 
 
+class StepSettings(_Strict):
+    """What one step uses of the recipe: its [training] (with its [steps.training]) and the settings
+    around it. step.py and trainer.py read this, not the whole recipe."""
+
+    index: int = Field(description="t, from 1.")
+    run_name: str = Field(description="The step's name for trackers: RUN/step-t.")
+    seed: int = Field(description="run.seed.")
+    checkpoint_every: int = Field(description="run.checkpoint_every.")
+    target_init: Literal["previous", "base"] = Field(description="model.target_init.")
+    adapter: AdapterConfig = Field(description="The LoRA/QLoRA preset.")
+    training: TrainingConfig = Field(description="[training] with the step's [steps.training] applied.")
+    retention: RetentionConfig = Field(description="[retention].")
+    diagnostics: DiagnosticsConfig = Field(description="[diagnostics].")
+    distributed: DistributedConfig = Field(description="[distributed].")
+
+
 class LoadedRecipe(BaseModel):
     """A validated recipe with its paths resolved and its preset loaded."""
 
@@ -467,6 +479,14 @@ class LoadedRecipe(BaseModel):
         """A local folder when the model path names one (relative to the recipe), else the Hub id."""
         local = self.resolve(self.recipe.model.path)
         return str(local) if local.exists() or names_local_path(self.recipe.model.path) else self.recipe.model.path
+
+    def step_settings(self, index: int) -> StepSettings:
+        """The settings step `index` (1-based) runs with."""
+        r = self.recipe
+        return StepSettings(index=index, run_name=f"{r.run.name}/step-{index}", seed=r.run.seed,
+                            checkpoint_every=r.run.checkpoint_every, target_init=r.model.target_init, adapter=self.adapter,
+                            training=r.step_training(index), retention=r.retention, diagnostics=r.diagnostics,
+                            distributed=r.distributed)
 
     def output_dir(self, override: str | None = None) -> Path:
         if override:

@@ -1,4 +1,6 @@
-"""A whole sDPO run: the steps in order, the manifest after every stage, one summary line a step."""
+"""A whole sDPO run: the steps in order, one summary line a step. The run loop owns the run state:
+it alone writes manifest.json, after each phase of a step (step.py yields the step's record) and
+after each step."""
 
 from __future__ import annotations
 
@@ -125,11 +127,11 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     m.dropped_overlong = data.overlong
     ctx = _step_context(recipe, run, base_dir, tokenizer=tokenizer, data=data, m=m)
     if not main:
-        _follow(ctx, data.steps)
+        _follow(ctx, recipe, data.steps)
         return m
     n = len(recipe.recipe.steps)
     for i in range(1, n + 1):
-        if not _run_or_skip(ctx, m, i, data.steps[i - 1], log):
+        if not _run_or_skip(ctx, recipe, m, i, data.steps[i - 1], log):
             continue
         if recipe.recipe.run.keep_models == "last" and i > 1:
             shutil.rmtree(run.model_dir(i - 1), ignore_errors=True)
@@ -156,31 +158,27 @@ def _warn_about_data(data, log) -> None:
 
 
 def _step_context(recipe: LoadedRecipe, run: RunDir, base_dir: Path, *, tokenizer, data, m: Manifest) -> StepContext:
-    """What every step shares: the tokenised gamma samples of each D_t and the eval data, and the
-    gamma matrix's rows as they go into the manifest."""
+    """What every step shares: the tokenised gamma samples of each D_t and the eval data (the
+    manifest's gamma matrix is set up for their rows), and the sample log."""
     k = recipe.recipe.diagnostics.gamma_sample
     named = {f"D_{i + 1}": ps for i, ps in enumerate(data.steps)}
     if data.eval is not None:
         named["eval"] = data.eval
     samples = {name: [tokenize_pair(r, tokenizer) for r in ps.rows[:k]] for name, ps in named.items()}
-    ctx = StepContext(recipe=recipe, run=run, base_dir=base_dir, tokenizer=tokenizer, samples=samples)
+    t = recipe.recipe.training
+    ctx = StepContext(run=run, base_dir=base_dir, tokenizer=tokenizer, samples=samples, gamma_max_length=t.max_length,
+                      gamma_prefix_sharing=t.prefix_sharing)
     if m.gamma_matrix is None:
         m.gamma_matrix = GammaMatrix(sample={name: len(rows) for name, rows in samples.items()}, rows={})
     m.gamma_matrix.per_pair = "gamma/<row>.safetensors"  # one tensor per dataset, the sample's order
-    ctx.matrix_rows_done = set(m.gamma_matrix.rows)
     if distributed.is_main():
         ctx.sample_log = for_run(run.root, recipe, data.eval)
-
-        def save_rows(rows: dict) -> None:
-            m.gamma_matrix.add_rows(rows)
-            manifest.write(run, m)
-
-        ctx.save_matrix_rows = save_rows
     return ctx
 
 
-def _run_or_skip(ctx: StepContext, m: Manifest, i: int, pairs, log) -> bool:
-    """Step i as the manifest's resume decision says: skipped (False) or run to the end (True)."""
+def _run_or_skip(ctx: StepContext, recipe: LoadedRecipe, m: Manifest, i: int, pairs, log) -> bool:
+    """Step i as the manifest's resume decision says: skipped (False) or run to the end (True). The
+    manifest is written here after each phase of the step; its last record is left to the caller."""
     run, n = ctx.run, len(m.steps)
     decision = manifest.decide(run, m, i, pairs.fingerprint, len(pairs.rows))
     if decision.action == "skip":
@@ -202,33 +200,35 @@ def _run_or_skip(ctx: StepContext, m: Manifest, i: int, pairs, log) -> bool:
         shutil.rmtree(run.step(i), ignore_errors=True)  # leftovers of a step that never got going
         m.steps[i - 1] = StepRecord(index=i, status="running", phase="reference", data_fingerprint=pairs.fingerprint,
                                     rows=len(pairs.rows))
-
-    def save(rec: StepRecord) -> None:
-        m.steps[i - 1] = rec
-        manifest.write(run, m)
-
-    save(m.step(i))
+    manifest.write(run, m)
     distributed.barrier()  # (distributed) the others read the decision from the manifest
     log(f"step {i}/{n}: training on D_{i} with reference {m.step(i).reference_label}")
+    tracker = tracking.StepTracking(recipe, run, i)
+    rows: dict = {}
     try:
-        done, rows = run_step(ctx, i, pairs, m.step(i), save)
+        for record, rows in run_step(ctx, recipe.step_settings(i), pairs, m.step(i), tracker=tracker,
+                                     rows_done=frozenset(m.gamma_matrix.rows)):
+            m.steps[i - 1] = record
+            if record.status != "done":
+                manifest.write(run, m)
     except UserError as e:
         m.step(i).status, m.step(i).error = "failed", str(e)
         manifest.write(run, m)
         raise
-    m.steps[i - 1] = done
     m.gamma_matrix.add_rows(rows)
+    tracker.log_step_end(m.step(i), rows)
     return True
 
 
-def _follow(ctx: StepContext, steps: list) -> None:
+def _follow(ctx: StepContext, recipe: LoadedRecipe, steps: list) -> None:
     """(distributed) A process other than the main one: it trains each step that the main process
     starts or resumes, with it, and writes nothing; it waits while the main process merges."""
     for i, pairs in enumerate(steps, 1):
         distributed.barrier()  # the main process has decided: step i skipped, resumed or started
         rec = manifest.read(ctx.run).step(i)
         if rec.status != "done":
-            run_step(ctx, i, pairs, rec, save=lambda r: None)
+            for _ in run_step(ctx, recipe.step_settings(i), pairs, rec):
+                pass
     distributed.barrier()
 
 

@@ -1,8 +1,8 @@
-"""TRL's DPOTrainer as lora-sdpo runs it: one step's DPOConfig, the trainer made resumable to the
-same result, and the callbacks that log, seal checkpoints, count tokens and stop on a broken loss.
+"""TRL's DPOTrainer as lora-sdpo runs it: one step's DPOConfig and the callbacks that log, seal
+checkpoints, count tokens and stop on a broken loss.
 
-step.py builds one `ResumableDPOTrainer` per step from these; nothing here knows about phases or the
-manifest.
+step.py builds one `trl_compat.ResumableDPOTrainer` per step from these; nothing here knows about
+phases or the manifest.
 """
 
 from __future__ import annotations
@@ -15,19 +15,17 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 
 from . import distributed, faults, memory, pairs
-from .recipe import LoadedRecipe
+from .recipe import StepSettings
 from .rundir import atomic_write_bytes, atomic_write_json, read_jsonl
-from .tracking import run_name
 
 
-def dpo_config(recipe: LoadedRecipe, output_dir: Path, index: int = 1) -> DPOConfig:
-    """Step `index`'s training settings ([training] with its [steps.training]) as TRL's DPOConfig; the one
+def dpo_config(step: StepSettings, output_dir: Path) -> DPOConfig:
+    """The step's training settings ([training] with its [steps.training]) as TRL's DPOConfig; the one
     place they are translated."""
-    t = recipe.recipe.step_training(index)
+    t = step.training
     # With N processes, per-device batch x accumulation x N stays the recipe's global batch.
     batch, accumulation = distributed.split_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, distributed.world().size)
     return DPOConfig(
@@ -55,12 +53,13 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path, index: int = 1) -> DPOCon
         disable_dropout=t.disable_dropout,
         # The ln 2 invariant needs the loss of the very first optimizer step, not a mean.
         logging_steps=1,
-        precompute_ref_log_probs=True,
-        precompute_ref_batch_size=t.precompute_ref_batch_size,
+        # The reference log-probs are computed by step.py's reference phase and handed to TRL as
+        # dataset columns (trl_compat.use_reference_logps): TRL computes none of its own.
+        precompute_ref_log_probs=False,
         # Checkpoints to resume a killed step from (sealed by CheckpointSeal); the last two are kept
         # so that a kill while one is written leaves the one before.
-        save_strategy="steps" if recipe.recipe.run.checkpoint_every else "no",
-        save_steps=recipe.recipe.run.checkpoint_every or 500,
+        save_strategy="steps" if step.checkpoint_every else "no",
+        save_steps=step.checkpoint_every or 500,
         save_total_limit=2,
         save_only_model=False,
         # A NaN loss must reach LossGuard as NaN, not be replaced by the window's mean.
@@ -68,15 +67,15 @@ def dpo_config(recipe: LoadedRecipe, output_dir: Path, index: int = 1) -> DPOCon
         # Trackers (run.report_to) are given to the trainer as callbacks by tracking.StepTracking, so
         # that each step logs into its own folder or run under the run directory.
         report_to=[],
-        run_name=run_name(recipe, index),
-        seed=recipe.recipe.run.seed,
-        data_seed=recipe.recipe.run.seed,
+        run_name=step.run_name,
+        seed=step.seed,
+        data_seed=step.seed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         # Grouping reads a "length" column (added by step.py); TRL would drop it as unused.
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=not t.group_by_length,
-        **distributed.trainer_args(recipe.recipe.distributed),
+        **distributed.trainer_args(step.distributed),
     )
 
 
@@ -88,7 +87,8 @@ class JsonlMetrics(TrainerCallback):
         """Resuming from the checkpoint of optimizer step `keep_until` keeps the records up to it.
         path None: a process other than the main one, which writes nothing."""
         self.path = path
-        self.records = [r for r in read_jsonl(path) if keep_until and r.get("step", 0) <= keep_until] if path else []
+        # (the summary record of a finished train() goes: the resumed one writes its own)
+        self.records = [r for r in read_jsonl(path) if keep_until and r.get("step", 0) <= keep_until and "train_runtime" not in r] if path else []
         if path is not None:
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
@@ -199,65 +199,6 @@ class TokenTally(TrainerCallback):
             for k, v in share.items():
                 out[k] = out.get(k, 0) + v
         return out
-
-
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """Length-grouped batches in an order that depends on (seed, epoch) only."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at every epoch
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
-
-
-class ResumableDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer, resumable to the same result.
-
-    - TRL trains QLoRA adapters in bfloat16 (it casts them after get_peft_model), but transformers
-      resumes a PEFT checkpoint through PeftModel.load_adapter, which upcasts the adapter to float32:
-      a resumed step would go on in another precision than the one it started in, and its adapter
-      would not match the uninterrupted run's (tests/test_resume.py checks bit-equality). The trainable
-      parameters get back the dtype they had before the checkpoint was loaded, before the optimizer
-      is built.
-    - Every forward of a pair, the reference pass in __init__ included, goes through lora-sdpo's
-      pair forward (pairs.py) when training.prefix_sharing is on; TRL's own otherwise.
-    - transformers' LengthGroupedSampler (training.group_by_length) draws its order from the global
-      RNG when the epoch starts, which a resumed run is not in; here the order comes from the seed
-      and the epoch alone, as the random sampler's does.
-    """
-
-    def __init__(self, *args, prefix_sharing: bool = True, **kwargs):
-        self._lora_sdpo_prefix_sharing = prefix_sharing
-        super().__init__(*args, **kwargs)
-
-    def _precompute_ref_logps(self, *args, **kwargs):
-        # TRL has just put its fused LM head on the models (add_fused_lm_head, in __init__), and the
-        # reference pass comes next: from here on, every forward of a pair goes through pairs.py.
-        pairs.install(self.model.get_base_model(), enabled=self._lora_sdpo_prefix_sharing)
-        if self.ref_model is not None:
-            pairs.install(self.ref_model, enabled=self._lora_sdpo_prefix_sharing)
-        return super()._precompute_ref_logps(*args, **kwargs)
-
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        if isinstance(sampler, LengthGroupedSampler):
-            sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=self.args.data_seed or self.args.seed)
-        return sampler
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        target = model if model is not None else self.model
-        dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        for n, p in target.named_parameters():
-            if n in dtypes and p.dtype != dtypes[n]:
-                p.data = p.data.to(dtypes[n])
 
 
 def sealed_checkpoint(trainer_dir: Path) -> Path | None:

@@ -32,7 +32,7 @@ def _gammas(model_dir, rows_file) -> list[float]:
 def test_arms_differ_only_in_what_they_should(tmp_path, data_dir):
     base = _recipe(tmp_path, data_dir)
     arms = {a: arm_recipe(base, a) for a in ("dpo", "sdpo", "sdpo-strat", "sdpo-curriculum", "sdpo-base-init")}
-    trl = {a: dpo_config(r, tmp_path / "x").to_dict() for a, r in arms.items()}
+    trl = {a: dpo_config(r.step_settings(1), tmp_path / "x").to_dict() for a, r in arms.items()}
     assert all(cfg == trl["sdpo"] for cfg in trl.values())  # same DPO settings given to TRL
     assert all(r.adapter == base.adapter for r in arms.values())
     s = arms["sdpo"].recipe

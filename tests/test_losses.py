@@ -104,7 +104,10 @@ CASES = [
 def test_first_loss_is_the_zero_margin_value(losses_setup, overrides, expected, tmp_path):
     from lora_sdpo.model import load_base, lora_config
     from lora_sdpo.recipe import load_recipe
-    from lora_sdpo.trainer import ResumableDPOTrainer, dpo_config
+    from lora_sdpo import pairs
+    from lora_sdpo.step import reference_logps, reference_view
+    from lora_sdpo.trainer import dpo_config
+    from lora_sdpo.trl_compat import ResumableDPOTrainer, use_reference_logps
 
     s = losses_setup
     recipe = load_recipe(s.recipe, ["run.checkpoint_every=0", *overrides])
@@ -112,11 +115,15 @@ def test_first_loss_is_the_zero_margin_value(losses_setup, overrides, expected, 
     set_seed(recipe.recipe.run.seed)
     trainer = ResumableDPOTrainer(
         model=load_base(MODEL, recipe.adapter),
-        args=dpo_config(recipe, tmp_path / "trainer"),
+        args=dpo_config(recipe.step_settings(1), tmp_path / "trainer"),
         train_dataset=s.dataset,
         processing_class=s.tok,
         peft_config=lora_config(recipe.adapter),
     )
+    # the reference pass as step.py runs it: the pair forward, the adapter off, handed to TRL as columns
+    pairs.install(trainer.model.get_base_model(), enabled=t.prefix_sharing)
+    with reference_view(trainer.model) as start:
+        use_reference_logps(trainer, *reference_logps(trainer, start, 4, 1))
     # the recipe's loss reached TRL as written
     assert trainer.loss_types == t.losses
     assert trainer.loss_weights == (t.loss_weights or [1.0] * len(t.losses))

@@ -161,8 +161,8 @@ def test_group_by_length_reaches_trl(tmp_path):
     from lora_sdpo.trainer import dpo_config
 
     recipe = load_recipe(ROOT / "recipes" / "quickstart.toml", ["training.group_by_length=true"])
-    args = dpo_config(recipe, tmp_path)
+    args = dpo_config(recipe.step_settings(1), tmp_path)
     # step.py adds the "length" column the sampler reads; TRL would drop it as unused otherwise
     assert args.train_sampling_strategy == "group_by_length" and not args.remove_unused_columns
-    args = dpo_config(load_recipe(ROOT / "recipes" / "quickstart.toml"), tmp_path)  # the default: off
+    args = dpo_config(load_recipe(ROOT / "recipes" / "quickstart.toml").step_settings(1), tmp_path)  # the default: off
     assert args.train_sampling_strategy == "random" and args.remove_unused_columns

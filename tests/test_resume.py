@@ -86,6 +86,86 @@ def test_killed_at_each_phase_resumes_to_the_uninterrupted_result(tmp_path, data
     _assert_same_result(out, two_step_run)
 
 
+def test_a_kill_in_each_phase_resumes_that_phase_only(tmp_path, data_dir, two_step_run):
+    """Step 1 of a one-step run killed in each of its phases in turn (the record's `phase` decides
+    what a resume runs; the phases before it are read back, not redone), then run to the end: A_1,
+    M_1, the losses and the retention equal the uninterrupted run's step 1, bit for bit."""
+    recipe = write_recipe(tmp_path, data_dir, steps=("orca.jsonl",))
+    out = tmp_path / "run"
+    ref_logps, metrics = out / "step-1/data/ref_logps.safetensors", out / "step-1/metrics.jsonl"
+    adapter, model = out / "step-1/adapter/adapter_model.safetensors", out / "step-1/model/model.safetensors"
+
+    def killed_at(point: str, resumes: str | None) -> dict:
+        proc = cli("run", str(recipe), "--output", str(out), check=False, env={"LORA_SDPO_FAULT": point})
+        assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-3000:])
+        if resumes:
+            assert f"resuming the interrupted step (its {resumes} phase)" in proc.stdout, (point, proc.stdout[-2000:])
+        return _manifest(out)["steps"][0]
+
+    rec = killed_at("step1:reference", None)  # reference log-probs computed, not yet saved
+    assert rec["phase"] == "reference" and not ref_logps.exists()
+    rec = killed_at("step1:adapter", "reference")  # A_1 saved, the record not yet written
+    assert rec["phase"] == "train" and adapter.exists() and "adapter_files" not in rec
+    seen = {p: p.stat().st_mtime_ns for p in (ref_logps,)}
+
+    def updates() -> list[str]:  # the optimizer updates' records (the summary line is TRL's per call of train)
+        return [line for line in metrics.read_text().splitlines() if "train_runtime" not in line]
+
+    trained = updates()
+    assert len(trained) == 3
+    rec = killed_at("step1:retention", "train")  # retention measured, not yet recorded
+    assert {p: p.stat().st_mtime_ns for p in seen} == seen  # the reference pass was read back, not redone
+    assert updates() == trained and rec["resumed"] == ["train from checkpoint-3"]  # no update trained again
+    assert rec["phase"] == "retention" and "retention_detail" not in rec
+    seen = {p: p.stat().st_mtime_ns for p in (ref_logps, adapter, model)}
+    rec = killed_at("step1:diagnostics", "retention")  # gamma rows computed, the step not yet done
+    assert {p: p.stat().st_mtime_ns for p in seen} == seen  # neither A_1 nor M_1 written again
+    assert rec["phase"] == "diagnostics" and rec["retention_detail"]["sample"] == 8
+    proc = cli("run", str(recipe), "--output", str(out))
+    assert "resuming the interrupted step (its diagnostics phase)" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in seen} == seen
+    m = _manifest(out)
+    done, ref = m["steps"][0], _manifest(two_step_run)["steps"][0]
+    assert done["status"] == "done" and "phase" not in done and done["retention_detail"] == rec["retention_detail"]
+    assert set(m["gamma_matrix"]["rows"]) == {"S", "M_1"}
+    for key in ("first_loss", "last_loss", "reward_accuracy", "gamma_ref_mean", "retention_detail", "tokens"):
+        assert done[key] == ref[key], key
+    for rel in ("step-1/adapter/adapter_model.safetensors", "step-1/model/model.safetensors"):
+        a, b = load_file(out / rel), load_file(two_step_run / rel)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+
+
+def test_the_record_phase_decides_and_the_hashes_verify(tmp_path, two_step_run):
+    """The phase table: a resumed step starts at the phase its record names, unless what an earlier
+    phase wrote no longer matches the record's sha256; then it starts at that earlier phase."""
+    from types import SimpleNamespace
+
+    from lora_sdpo import manifest
+    from lora_sdpo.rundir import RunDir
+    from lora_sdpo.step import PHASES, READ_BACK, VERIFY, StepContext, StepRun, first_phase
+
+    assert list(PHASES) == ["reference", "train", "merge", "retention", "diagnostics"]
+    assert set(READ_BACK) == set(VERIFY) == set(PHASES) - {"diagnostics"}
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    run = RunDir(out)
+    done = manifest.read(run).step(2)
+    assert set(done.reference_files) == {"pairs.jsonl", "ref_logps.safetensors"}
+    ctx = StepContext(run=run, base_dir=out, tokenizer=None, samples={}, gamma_max_length=128, gamma_prefix_sharing=True)
+
+    def start(phase: str) -> str:
+        record = done.model_copy(update={"status": "running", "phase": phase})
+        return first_phase(StepRun(ctx, SimpleNamespace(index=2, target_init="previous"), None, record))
+
+    assert [start(p) for p in PHASES] == list(PHASES)
+    _damage_m2(out)
+    assert start("diagnostics") == start("retention") == "merge" and start("merge") == "merge"
+    (out / "step-2/adapter/adapter_config.json").write_text("{}")
+    assert start("diagnostics") == "train"
+    (out / "step-2/data/ref_logps.safetensors").unlink()
+    assert start("diagnostics") == start("train") == "reference"
+
+
 def _damage_m2(out: Path) -> None:
     f = out / "step-2/model/model.safetensors"
     data = bytearray(f.read_bytes())
@@ -208,7 +288,7 @@ def test_too_little_disk_for_m_t_stops_before_training(tmp_path, data_dir, monke
 
 
 def test_length_grouped_order_comes_from_seed_and_epoch():
-    from lora_sdpo.trainer import EpochSeededLengthGroupedSampler
+    from lora_sdpo.trl_compat import EpochSeededLengthGroupedSampler
 
     g = torch.Generator().manual_seed(0)
     lengths = [int(x) for x in torch.randint(5, 500, (64,), generator=g)]
