@@ -13,7 +13,7 @@ from typing import Any
 
 from .audit import audit
 from .contract import check as check_keys
-from .derive import EXPECTED, RULES, _number, assemble_trees, derive, group_answers, layout_of
+from .derive import EXPECTED, RULES, as_number, assemble_trees, derive, group_answers, layout_of
 from .errors import DataError
 from .pairset import PairSet, SourceReport, bad_rows_text  # noqa: F401  (data.PairSet: where callers import it)
 from .formats import ACCEPTED, FORMAT_KEYS, Bad, apply_columns, detect_format, normalise, split_inside, templated_problem  # noqa: F401
@@ -93,7 +93,7 @@ def _score_tie(row: Any) -> str | None:
     for d in (row, row.get("metadata")) if isinstance(row, dict) else ():
         if isinstance(d, dict):
             for a, b in SCORE_KEYS:
-                x, y = _number(d.get(a)), _number(d.get(b))
+                x, y = as_number(d.get(a)), as_number(d.get(b))
                 if x is not None and x == y:
                     return f"{a} equals {b}"
     return None

@@ -92,7 +92,7 @@ def _text(item: Any, what: str) -> str:
     raise Bad(f"{what} is {type(item).__name__}, not an answer")
 
 
-def _number(v: Any) -> float | None:
+def as_number(v: Any) -> float | None:
     if isinstance(v, bool):  # KTO's label: a desirable answer scores 1, an undesirable one 0
         return float(v)
     if v is None:
@@ -101,7 +101,7 @@ def _number(v: Any) -> float | None:
         return float(v) if v == v else None  # NaN: no score
     if isinstance(v, str):
         try:
-            return _number(float(v))
+            return as_number(float(v))
         except ValueError:
             return None
     return None
@@ -125,7 +125,7 @@ def _scored(row: dict, list_key: str, parallel: str, key: str, notes: list[str] 
         pairs = list(zip(items, values))
     else:
         pairs = [(_text(x, f"{list_key}[{i}]"), x.get(key) if isinstance(x, dict) else None) for i, x in enumerate(items)]
-    out = [(t, v) for t, v in ((t, _number(v)) for t, v in pairs) if v is not None and t.strip()]
+    out = [(t, v) for t, v in ((t, as_number(v)) for t, v in pairs) if v is not None and t.strip()]
     if notes is not None and len(out) < len(pairs):
         notes.append(f"answers without a numeric `{key if parallel not in row else parallel}` or without text left out")
     if len(out) < 2:
@@ -225,7 +225,7 @@ def _walk(node: dict, history: list[dict], key: str, how: str, rows: list[dict],
     if not isinstance(replies, list) or not all(isinstance(r, dict) for r in replies):
         raise Bad("a message of the tree has `replies` that are not a list of messages")
     if role == "prompter":
-        ranked = [(r["text"], _number(r.get(key))) for r in replies if isinstance(r.get("text"), str) and r.get("role") == "assistant"]
+        ranked = [(r["text"], as_number(r.get(key))) for r in replies if isinstance(r.get("text"), str) and r.get("role") == "assistant"]
         ranked = [(t, v) for t, v in ranked if v is not None]
         if len(ranked) >= 2:
             pairs, tie = _ranked_pairs(ranked, how)
@@ -307,7 +307,7 @@ def _cell(v: Any, what: str) -> Any:
 def _verdict(row: dict, layout: str) -> str | None:
     """"a", "b" or None (a tie); Bad when there is no verdict."""
     if layout == "arena" and "winner_model_a" in row:
-        a, b, t = (_number(row.get(k)) or 0 for k in ("winner_model_a", "winner_model_b", "winner_tie"))
+        a, b, t = (as_number(row.get(k)) or 0 for k in ("winner_model_a", "winner_model_b", "winner_tie"))
         if (a, b) == (1, 0):
             return "a"
         if (a, b) == (0, 1):
@@ -325,7 +325,7 @@ def _verdict(row: dict, layout: str) -> str | None:
         if isinstance(w, str) and w.startswith("tie"):
             return None
         raise Bad(f"`winner` is {row['winner']!r}; expected a / b, model_a / model_b, 1 / 2 or tie")
-    p = _number(row.get("preference"))
+    p = as_number(row.get("preference"))
     if p is None:
         raise Bad(f"`preference` is {row.get('preference')!r}, not 1 or 2")
     if p == 1.5 or p == 0:
