@@ -32,6 +32,8 @@ if [ ! -x "$VENV/bin/python3" ]; then
   [ -n "$PY" ] || { echo "bench/gpu_rehearsal.sh: no Python 3.12 here (the image's; numpy 2.5.2 needs it)"; exit 2; }
   "$PY" -m venv "$VENV" || exit 1
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements/gpu_image.txt || exit 1
+  # typer's newest (transformers needs typer) pulls in pydantic, which the image lacks: take it out again
+  "$VENV/bin/pip" uninstall -q -y pydantic pydantic-core annotated-types typing-inspection || exit 1
   stamp "image mirror built with $PY"
 fi
 for absent in trl bitsandbytes datasets pydantic lora-sdpo; do
@@ -43,7 +45,9 @@ stamp ".whl/ assembled"
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 SITE=$(mktemp -d)
-env -u PYTHONPATH PATH="$VENV/bin:$PATH" OUT="$OUT" SITE="$SITE/site" WORK="$SITE/work" REHEARSAL=1 $COMMAND 2>&1 | tee "$OUT/rehearsal.log"
+# the parts' limits are the GPU's; on a CPU they get 15 minutes each (the budget check below reads the GPU's)
+env -u PYTHONPATH PATH="$VENV/bin:$PATH" OUT="$OUT" SITE="$SITE/site" WORK="$SITE/work" REHEARSAL=1 A_S=900 B_S=900 C_S=900 \
+  $COMMAND 2>&1 | tee "$OUT/rehearsal.log"
 rc=${PIPESTATUS[0]}
 rm -rf "$SITE"
 stamp "$COMMAND exit $rc"

@@ -186,7 +186,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, max_length: int, tokens: int
         output_dir=str(out), beta=0.01, learning_rate=5e-6, lr_scheduler_type="cosine", warmup_steps=0.1, num_train_epochs=1,
         per_device_train_batch_size=4, gradient_accumulation_steps=4, max_length=max_length, optim="paged_adamw_32bit",
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=True,
-        precompute_ref_log_probs=True, logging_steps=1, save_strategy="no", report_to=[],
+        precompute_ref_log_probs=True, logging_steps=1, save_strategy="no", report_to=[], use_cpu=not CUDA,
     )
     lora = LoraConfig(r=128, lora_alpha=128, lora_dropout=0.05, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
