@@ -27,7 +27,8 @@
 # versions.txt records what ran, and an import that fails stops the script before any part.
 #
 # Each part has its own time limit (A_S, B_S, C_S seconds: 90 + 100 + 240 = 430) so that the whole,
-# with the wheel install and the import check (~30 s, timed in table.json), stays within 8 minutes;
+# with the wheel install and the import check (the setup: timed in table.json; bench/gpu_rehearsal.sh
+# times it on a CPU and checks the sum), stays within 8 minutes;
 # a part that runs out is reported as such and the others still run; (c) writes each arm's JSON as
 # it finishes.
 #

@@ -10,8 +10,9 @@
 # 2. .whl/ assembled by bench/gpu_wheels.py (for Python 3.12, CUDA 13), and the budgets of one
 #    device call checked: the tracked files plus .whl/ within 64 MiB, the command within 2,000
 #    characters, the parts' time limits plus the wheel install and import check within 8 minutes;
-# 3. `bash bench/gpu_accept.sh` with the mirror's python3 first on PATH and REHEARSAL=1: the wheels
-#    installed with `pip install --no-index --no-deps --target`, the checkout on PYTHONPATH;
+# 3. `bash bench/gpu_accept.sh` with the mirror's python3 first on PATH and REHEARSAL=1, in a copy of
+#    what a device call carries (the files git tracks or would add, and .whl/): the wheels installed
+#    with `pip install --no-index --no-deps --target`, the checkout on PYTHONPATH, nothing installed;
 # 4. the table checked: every part (setup, device, a, b, c) has its rows, nothing failed or went
 #    unrun, and every CUDA-only row says "not run here".
 # Exits 0 only if all of that holds. Its logs, JSON and table are under $OUT.
@@ -45,9 +46,14 @@ stamp ".whl/ assembled"
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 SITE=$(mktemp -d)
+# what a device call carries: the tracked and the untracked-not-ignored files, and .whl/ (no .venv,
+# no *.egg-info that an editable install leaves here)
+mkdir "$SITE/tree"
+git ls-files -co --exclude-standard -z | xargs -0 cp -P --parents -t "$SITE/tree" 2>/dev/null
+cp -r .whl "$SITE/tree/.whl"
 # the parts' limits are the GPU's; on a CPU they get 15 minutes each (the budget check below reads the GPU's)
 env -u PYTHONPATH PATH="$VENV/bin:$PATH" OUT="$OUT" SITE="$SITE/site" WORK="$SITE/work" REHEARSAL=1 A_S=900 B_S=900 C_S=900 \
-  $COMMAND 2>&1 | tee "$OUT/rehearsal.log"
+  bash -c "cd '$SITE/tree' && $COMMAND" 2>&1 | tee "$OUT/rehearsal.log"
 rc=${PIPESTATUS[0]}
 rm -rf "$SITE"
 stamp "$COMMAND exit $rc"

@@ -23,6 +23,9 @@ parameters of the linear layers and the LM head), against the card's dense bf16 
 Expected device time: about 6-8 minutes for both runs at the full shape (not measured); use
 --layers 16 to halve it. bench/gpu_accept.sh runs it at 8 layers, 32 pairs, arms pairs,trl. Disk: ~45 GB (the bf16 model and the float32 M_1).
 
+--json is rewritten after the planner's estimate and after every arm, so a failing arm or a time
+limit keeps what finished. --rehearse runs the same path on a CPU at toy shapes (bench/gpu_rehearsal.sh).
+
 On a GPU machine without network (torch is there; trl, bitsandbytes, datasets, pydantic... travel as
 wheels in .whl/, assembled where pip works by bench/gpu_wheels.py), from the repository root:
 
