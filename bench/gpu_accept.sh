@@ -17,16 +17,17 @@
 #
 #   bash bench/gpu_accept.sh            # OUT=folder for logs and JSON (default /tmp/gpu-accept)
 #
-# Dependencies: on a machine with pip access, `pip install -e '.[test]'` over the CUDA build of torch
-# is enough. On a machine without network whose image lacks the project's pins (trl, bitsandbytes,
-# datasets, pydantic, and transformers/peft/huggingface_hub at this project's versions), assemble
+# Dependencies: on a machine with pip access, `pip install -c LOCK -e '.[test]'` over the CUDA build of
+# torch (LOCK: requirements/lock.txt less torch and triton, docs/install.md) is enough. On a machine
+# without network whose image lacks the locked versions (trl, bitsandbytes, datasets, pydantic, and
+# transformers/peft/huggingface_hub at the lock's versions), assemble
 # their wheels first, where pip works: `.venv/bin/python bench/gpu_wheels.py` (for the image this
 # project is lent: Python 3.12, CUDA 13; 21 wheels, 31 MiB with bitsandbytes cut to its CUDA 13
 # libraries), and carry .whl/ with the working tree: they are installed into $SITE (/tmp/site) first. torch
 # is the image's own (a CUDA torch wheel is too big to carry), whatever version it is:
 # versions.txt records what ran, and an import that fails stops the script before any part.
 #
-# Each part has its own time limit (A_S, B_S, C_S seconds: 90 + 100 + 240 = 430) so that the whole,
+# Each part has its own time limit (A_S, B_S, C_S seconds: 80 + 100 + 220 = 400) so that the whole,
 # with the wheel install and the import check (the setup: timed in table.json; bench/gpu_rehearsal.sh
 # times it on a CPU and checks the sum), stays within 8 minutes;
 # a part that runs out is reported as such and the others still run; (c) writes each arm's JSON as
@@ -41,9 +42,9 @@ OUT=${OUT:-/tmp/gpu-accept}
 WORK=${WORK:-/tmp/gpu-accept-work}
 LAYERS=${LAYERS:-8}
 PAIRS=${PAIRS:-32}
-A_S=${A_S:-90}
+A_S=${A_S:-80}
 B_S=${B_S:-100}
-C_S=${C_S:-240}
+C_S=${C_S:-220}
 SITE=${SITE:-/tmp/site}
 export REHEARSAL=${REHEARSAL:-${ACCEPT_ON_CPU:-}}
 T0=$(date +%s%N)
