@@ -6,9 +6,8 @@ The GPU image bench/gpu_accept.sh is written for has Python 3.12 and
 CUDA builds of torch, transformers, accelerate, safetensors, tokenizers, numpy, pandas, pyarrow and
 the like, but no TRL, bitsandbytes, datasets or pydantic, and older transformers and
 huggingface_hub than this project pins. This downloads, for that Python and manylinux x86_64, the
-pinned versions of those (pyproject.toml) and the dependencies they need that such an image lacks,
-at the versions this checkout's environment has installed (importlib.metadata), each without its
-dependencies (`pip download --no-deps`), and one version of each.
+locked versions of those (requirements/lock.txt) and of the dependencies they need that such an
+image lacks, each without its dependencies (`pip download --no-deps`), and one version of each.
 
 torch itself is not carried (a CUDA torch wheel is ~1 GB): the image's is used, and gpu_accept.sh
 records its version. bitsandbytes ships one library per CUDA version (129 MB unpacked); the wheel
@@ -26,26 +25,36 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
-from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEST = ROOT / ".whl"
-# Pinned in pyproject.toml and missing from the image (or there at another version).
+# Locked in requirements/lock.txt and missing from the image (or there at another version).
 PINNED = ("trl", "bitsandbytes", "datasets", "huggingface_hub", "transformers", "peft", "pydantic", "click", "rich")
-# Their dependencies that the image lacks or may hold too old, at this environment's versions.
+# Their dependencies that the image lacks or may hold too old, at the lock's versions too.
 DEPENDENCIES = ("pydantic_core", "typing-inspection", "annotated-types", "dill", "multiprocess", "fsspec",
                 "httpx2", "httpcore2", "truststore", "hf-xet", "anyio", "idna")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 
 
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def pins() -> dict[str, str]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    found = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", d).groups() for d in deps if "==" in d)
-    return {name: found[name] for name in PINNED}
+    """{name: version} of PINNED and DEPENDENCIES from requirements/lock.txt."""
+    lock = {}
+    for line in (ROOT / "requirements" / "lock.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, ver = line.partition("==")
+            lock[_canonical(name)] = ver
+    missing = [n for n in PINNED + DEPENDENCIES if _canonical(n) not in lock]
+    if missing:
+        sys.exit(f"requirements/lock.txt has no {', '.join(missing)}: regenerate it (scripts/lock.py)")
+    return {name: lock[_canonical(name)] for name in PINNED + DEPENDENCIES}
 
 
 def download(requirements: list[str], python: str) -> None:
@@ -100,7 +109,7 @@ def main() -> None:
     a = ap.parse_args()
     shutil.rmtree(DEST, ignore_errors=True)
     DEST.mkdir()
-    requirements = [f"{n}=={v}" for n, v in pins().items()] + [f"{n}=={version(n)}" for n in DEPENDENCIES]
+    requirements = [f"{n}=={v}" for n, v in pins().items()]
     download(requirements, a.python)
     bnb = next(DEST.glob("bitsandbytes-*.whl"))
     before = bnb.stat().st_size

@@ -26,7 +26,7 @@ from importlib.metadata import version
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import manifest
+from . import __version__, manifest
 from .errors import EvalError
 from .manifest import EvalRecord
 from .rundir import RunDir, is_run_dir
@@ -264,7 +264,7 @@ def evaluate(location: str, tasks_spec: str, *, include: list[str], limit: int |
     tm = task_manager(tasks, include)
     task_objects = load_tasks(tm, tasks)
     doc = {
-        "lora_sdpo": version("lora-sdpo"),
+        "lora_sdpo": __version__,  # the running code's (no installed distribution with PYTHONPATH)
         "lm_eval": version("lm_eval"),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": str(location),

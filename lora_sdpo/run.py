@@ -9,7 +9,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from . import distributed, faults, manifest, tracking
+from . import __version__, distributed, faults, manifest, tracking
 from .data import prepare_run_data, tokenize_pair
 from .diagnostics import gammas, paired_differences
 from .errors import RunError, UserError
@@ -26,7 +26,10 @@ LIBRARIES = ("lora-sdpo", "torch", "transformers", "peft", "trl", "bitsandbytes"
 
 
 def library_versions() -> dict[str, str]:
-    return {name: version(name) for name in LIBRARIES}
+    """The versions a manifest records. lora-sdpo's own is the running code's `__version__` (the one
+    definition; pyproject.toml reads it): a checkout run from PYTHONPATH, as bench/gpu_accept.sh
+    does, has no installed distribution to ask, and an installed one could be another copy."""
+    return {name: __version__ if name == "lora-sdpo" else version(name) for name in LIBRARIES}
 
 
 def _base_scorer(recipe: LoadedRecipe, base_dir: Path, tokenizer):

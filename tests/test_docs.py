@@ -32,9 +32,13 @@ def test_readme_is_a_front_door():
     # The two commands at the top are CI's and the quickstart's contract.
     blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
     assert blocks[:2] == [
-        "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && HF_HUB_OFFLINE=1 .venv/bin/lora-sdpo run recipes/quickstart.toml --output runs/quickstart",
-        "HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q",
+        "python3 -m venv .venv && .venv/bin/pip install -c requirements/lock.txt -e . && HF_HUB_OFFLINE=1 .venv/bin/lora-sdpo run recipes/quickstart.toml --output runs/quickstart",
+        ".venv/bin/pip install -c requirements/lock.txt -e '.[test]' && HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q",
     ]
+    # .ci/run installs and tests as the README says
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ".venv/bin/pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[test]'" in ci
+    assert "\n.venv/bin/python -m pytest -q\n" in ci
     # Every command of the CLI has a row in the README's table.
     from lora_sdpo.cli import main
 

@@ -51,3 +51,16 @@ def test_a_cuda_version_the_wheel_lacks_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no library for CUDA 14"):
         gpu_wheels.trim_bitsandbytes(wheel, "14")
     assert len(zipfile.ZipFile(wheel).namelist()) == len(LIBS) + 3  # left as it was
+
+
+def test_the_carried_versions_are_the_locks():
+    """gpu_wheels.py downloads requirements/lock.txt's versions (pyproject.toml has ranges only)."""
+    lock = {}
+    for line in (Path(gpu_wheels.ROOT) / "requirements" / "lock.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, ver = line.partition("==")
+            lock[name] = ver
+    pins = gpu_wheels.pins()
+    assert set(pins) == set(gpu_wheels.PINNED + gpu_wheels.DEPENDENCIES)
+    for name, ver in pins.items():
+        assert lock[name.replace("_", "-").lower()] == ver, name
