@@ -48,7 +48,9 @@ class SampleLog:
         t = time.perf_counter()
         texts = complete(model, tokenizer, self.doc["prompts"], self.settings)
         seconds = time.perf_counter() - t
-        self.doc["models"][label] = {"completions": texts, "weights": self.weights.format(label=label), "seconds": round(seconds, 2)}
+        models = {**self.doc["models"], label: {"completions": texts, "weights": self.weights.format(label=label),
+                                                "seconds": round(seconds, 2)}}
+        self.doc["models"] = dict(sorted(models.items(), key=lambda kv: model_order(kv[0])))  # S, M_1, ... whatever the phase order
         atomic_write_json(self.path, self.doc)
         return seconds
 
