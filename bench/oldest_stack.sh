@@ -30,8 +30,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   done
   [ -n "$PY" ] || { echo "bench/oldest_stack.sh: no Python 3.12 here (numpy 2.5.2, the GPU image's, needs it)"; exit 2; }
   "$PY" -m venv "$VENV" || exit 1
-  # the rest of the closure at the lock's versions: the lock less every name oldest.txt pins
-  names=$(sed -e 's/#.*//' -e 's/==.*//' requirements/oldest.txt | tr 'A-Z_' 'a-z-' | grep -v '^$' | paste -sd'|')
+  # the rest of the closure at the lock's versions: the lock less every name oldest.txt pins, and less
+  # setuptools (the lock's 84 is what torch 2.13 allows; torch 2.11.0 requires setuptools<82)
+  names=$(sed -e 's/#.*//' -e 's/==.*//' requirements/oldest.txt | tr 'A-Z_' 'a-z-' | grep -v '^$' | paste -sd'|')"|setuptools"
   sed -e 's/#.*//' requirements/lock.txt | tr 'A-Z_' 'a-z-' | grep -vE "^($names)==" | grep -v '^$' > "$VENV/lock-rest.txt"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements/oldest.txt -c "$VENV/lock-rest.txt" || exit 1
   stamp "venv built with $PY"
