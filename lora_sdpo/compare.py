@@ -25,7 +25,7 @@ from .fetch import local_model_dir
 from .manifest import Manifest
 from .model import load_base, load_tokenizer
 from .recipe import LoadedRecipe, Recipe, format_errors
-from .report import fmt_number, md_table
+from .report import fmt_number, md_table, plus_minus
 from .run import run_recipe
 from .rundir import atomic_write_json, atomic_write_text
 
@@ -230,9 +230,8 @@ def cross_matrix(output: Path) -> tuple[list[str], dict[str, dict[str, dict]]]:
 
 
 def _pm(c: dict | None, digits: int = 2) -> str:
-    if not c or c.get("mean") is None:
-        return "n/a"
-    return f"{c['mean']:.{digits}f} ± {c['se']:.{digits}f}" if c.get("se") is not None else f"{c['mean']:.{digits}f}"
+    """A statistics dict (stats / paired_difference) as report.plus_minus shows a cell."""
+    return plus_minus((c or {}).get("mean"), (c or {}).get("se"), digits)
 
 
 def write_comparison_md(results: dict, path: Path, output: Path | None = None) -> None:

@@ -57,7 +57,7 @@ def summary_rows(m: Manifest) -> list[list[str]]:
 SUMMARY_HEADER = ["step", "reference", "pairs", "first loss", "last loss", "reward acc", "gamma_ref ± s.e. (n)", "retention", "time"]
 
 
-def _pm(mean, se, digits=2) -> str:
+def plus_minus(mean, se, digits=2) -> str:
     if mean is None:
         return "n/a"
     return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
@@ -67,7 +67,7 @@ def gamma_ref_text(step: StepRecord) -> str:
     """The reference's mean gamma over all of D_t (TRL's reference pass covers every pair), its s.e. and n."""
     n, mean, std = step.rows, step.gamma_ref_mean, step.gamma_ref_std
     se = std / n**0.5 if std is not None and n and n > 1 else None
-    return f"{_pm(mean, se)} (n={n})"
+    return f"{plus_minus(mean, se)} (n={n})"
 
 
 SETTINGS_SHOWN = ("loss_type", "beta", "learning_rate", "num_train_epochs", "warmup_ratio", "lr_scheduler_type")
@@ -95,7 +95,7 @@ def matrix_table(m: Manifest) -> tuple[list[str], list[list[str]]]:
     """Mean ± standard error of each model's gamma on each dataset's sample; a contaminated eval says so."""
     gm = m.gamma_matrix or GammaMatrix()
     cells = {model: [gm.rows[model].get(d) for d in gm.sample] for model in gm.rows}
-    out = [[model] + [_pm(c.mean, c.se) if c is not None else "n/a" for c in cs] for model, cs in cells.items()]
+    out = [[model] + [plus_minus(c.mean, c.se) if c is not None else "n/a" for c in cs] for model, cs in cells.items()]
     dirty = contamination_note(m) is not None
     return ["model"] + [f"{d} (n={n}{', CONTAMINATED' if d == 'eval' and dirty else ''})" for d, n in gm.sample.items()], out
 
@@ -111,7 +111,7 @@ def paired_table(paired: list[PairedDifference]) -> list[list[str]]:
         elif p.n is None:
             cells = ["-", "n/a (no per-pair gammas)", "-"]
         else:
-            cells = [str(p.n), _pm(p.mean, p.se), fmt_number(p.frac_positive, 2)]
+            cells = [str(p.n), plus_minus(p.mean, p.se), fmt_number(p.frac_positive, 2)]
         rows.append([str(p.step), p.reference, p.data, *cells])
     return rows
 
@@ -229,7 +229,7 @@ def plot_matrix(m: Manifest, path: Path, paired: list[PairedDifference] | None =
     ax.set_yticks(range(len(models)), models)
     for i, r in enumerate(cells):
         for j, c in enumerate(r):
-            ax.text(j, i, _pm(c.mean, c.se, 1) if c is not None else "n/a", ha="center", va="center", fontsize=8)
+            ax.text(j, i, plus_minus(c.mean, c.se, 1) if c is not None else "n/a", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="mean gamma")
     ax.set_title("mean gamma ± s.e. = log p(chosen) - log p(rejected)", fontsize=10)
     if paired:
