@@ -49,7 +49,7 @@ def load_base(path: str | Path, adapter: AdapterConfig, revision: str | None = N
             dtype=torch.float32 if qc is not None else compute,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
-            device_map={"": _device()},
+            device_map={"": device()},
         )
     except OSError as e:
         raise ModelError(f"model {path}: cannot load ({e})") from None
@@ -88,11 +88,51 @@ def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_c
     return tok
 
 
-def _device() -> str:
+def device() -> str:
     if os.environ.get("LORA_SDPO_DEVICE"):
         return os.environ["LORA_SDPO_DEVICE"]
     # one GPU per process when several run (torchrun's LOCAL_RANK)
     return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it still has native bfloat16 matmuls.
+_BF16_ISA_MARKS = ("BF16", "AMX", "AVX10", "FP16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively: a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX whose oneDNN is not capped below them (ONEDNN_MAX_CPU_ISA). Elsewhere (an
+    AVX2-only CPU, an ARM CPU) a bf16 matmul is converted or emulated: measured under
+    ONEDNN_MAX_CPU_ISA=AVX2, a LoRA-sized bf16 matmul took 7x the time of the float32 one."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if cap not in ("", "ALL", "DEFAULT") and not any(m in cap for m in _BF16_ISA_MARKS):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def lora_dtype(adapter: AdapterConfig, device: str) -> torch.dtype | None:
+    """The dtype the LoRA weights train in, or None to keep what TRL chose (bfloat16 for a 4-bit base,
+    after the QLoRA paper; PEFT's float32 otherwise). adapter.lora_dtype = "auto" keeps TRL's choice
+    except on a device without native bfloat16, where it trains them in float32."""
+    if adapter.lora_dtype == "auto":
+        return None if native_bf16(device) else torch.float32
+    return getattr(torch, adapter.lora_dtype)
+
+
+def cast_lora(model, dtype: torch.dtype | None) -> int:
+    """Cast the trainable (LoRA) parameters to `dtype` before the optimizer exists; returns how many."""
+    n = 0
+    for p in model.parameters():
+        if dtype is not None and p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
 
 
 def lora_config(adapter: AdapterConfig) -> LoraConfig:

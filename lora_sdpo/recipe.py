@@ -46,6 +46,12 @@ class AdapterConfig(_Strict):
     compute_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="dtype of the base's matmuls and of non-quantised weights (float32 is faster on CPUs)."
     )
+    lora_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="dtype of the LoRA weights in training. auto: TRL's choice (bfloat16 on a 4-bit base, after the QLoRA "
+        "paper) where the device has native bfloat16 matmuls (CUDA, a CPU with AVX512-BF16 or AMX), float32 elsewhere "
+        "(on an AVX2-only CPU bfloat16 matmuls are several times slower).",
+    )
 
     @field_validator("target_modules")
     @classmethod

@@ -15,7 +15,7 @@ from .diagnostics import gammas, paired_differences
 from .errors import RunError, UserError
 from .fetch import local_model_dir
 from .gguf_import import gguf_sha256_of
-from .model import load_base, load_tokenizer
+from .model import device, load_base, load_tokenizer, lora_dtype
 from .recipe import LoadedRecipe
 from .manifest import GammaMatrix, Manifest, StepRecord
 from .rundir import RunDir, atomic_write_text, remove_temporaries
@@ -123,6 +123,7 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
         run = RunDir(recipe.output_dir(output))
         m = manifest.read(run)
     log(f"run directory: {run.root}")
+    _note_lora_dtype(recipe, log)
     _warn_about_data(data, log)
     m.base_gguf_sha256 = gguf_sha256_of(base_dir)
     m.overlap = data.audit.to_dict()
@@ -147,6 +148,12 @@ def run_recipe(recipe: LoadedRecipe, output: str | None = None, restart: bool = 
     manifest.write(run, m)
     distributed.barrier()
     return m
+
+
+def _note_lora_dtype(recipe: LoadedRecipe, log) -> None:
+    if recipe.adapter.lora_dtype == "auto" and lora_dtype(recipe.adapter, device()) is not None:
+        log("note: the LoRA weights train in float32: this CPU has no native bfloat16 matmuls "
+            "(adapter.lora_dtype = \"auto\"; \"bfloat16\" follows TRL's QLoRA default anyway)")
 
 
 def _warn_about_data(data, log) -> None:

@@ -47,7 +47,7 @@ from .diagnostics import gamma_file, gammas, save_gammas, stats
 from .errors import DataError, TrainingDiverged
 from .manifest import Retention, StepRecord
 from .merge import merge_lora
-from .model import load_base, lora_config, sequence_logps
+from .model import cast_lora, load_base, lora_config, lora_dtype, sequence_logps
 from .recipe import StepSettings
 from .rundir import RunDir, atomic_dir, atomic_write_bytes, ensure_free_space, file_hashes, read_jsonl, sha256_file, verify_files
 from .shards import model_tensors
@@ -284,6 +284,8 @@ def setup(step: StepRun) -> tuple[Training, object]:
     # TRL has put its fused LM head on the model (add_fused_lm_head, in __init__): from here on, every
     # forward of a pair goes through the pair forward (pairs.py), or counts tokens on TRL's own path.
     pair_forward.install(trainer.model.get_base_model(), enabled=s.training.prefix_sharing)
+    # TRL has cast a 4-bit base's LoRA to bfloat16; adapter.lora_dtype decides (float32 where bf16 is not native)
+    cast_lora(trainer.model, lora_dtype(s.adapter, str(trainer.accelerator.device)))
     if ref_model is not None:
         add_fused_lm_head(ref_model)
         pair_forward.install(ref_model, enabled=s.training.prefix_sharing)
