@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MODEL, all_tensors, completion_logp as _completion_logp, nf4 as _nf4
+from conftest import MODEL, all_tensors, completion_logp as _completion_logp, merge_by_formula, nf4 as _nf4
 
 LN2 = math.log(2)
 
@@ -56,22 +56,12 @@ def test_step2_reference_is_nf4_of_m1(two_step_run):
 def test_merged_weights_are_base_plus_scaled_lora(two_step_run):
     """M_t = M_{t-1} + (alpha/r) B @ A in float32, for every tensor, recomputed from the saved files."""
     for t, base in ((1, MODEL), (2, two_step_run / "step-1" / "model")):
-        adapter = two_step_run / f"step-{t}" / "adapter"
-        cfg = json.loads((adapter / "adapter_config.json").read_text())
-        scale = cfg["lora_alpha"] / cfg["r"]
-        lora = load_file(adapter / "adapter_model.safetensors")
-        before, after = all_tensors(base), all_tensors(two_step_run / f"step-{t}" / "model")
-        assert set(before) == set(after)
-        changed = 0
-        for name, w in before.items():
-            a_key = "base_model.model." + name.removesuffix(".weight") + ".lora_A.weight"
-            expected = w.float()
-            if a_key in lora:
-                b = lora[a_key.replace("lora_A", "lora_B")].float()
-                expected = expected + scale * (b @ lora[a_key].float())
-                changed += 1
+        expected, changed = merge_by_formula(base, two_step_run / f"step-{t}" / "adapter")
+        after = all_tensors(two_step_run / f"step-{t}" / "model")
+        assert set(expected) == set(after)
+        for name, e in expected.items():
             assert after[name].dtype == torch.float32
-            assert torch.equal(after[name], expected), name
+            assert torch.equal(after[name], e), name
         assert changed == 4 * 7  # every targeted projection of the 4 layers
 
 
@@ -106,6 +96,12 @@ def test_one_step_run_equals_plain_trl(tmp_path, data_dir, two_step_run):
     tok = AutoTokenizer.from_pretrained(str(MODEL))
     set_seed(7)
     trainer = DPOTrainer(model=_nf4(MODEL), args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
+    # the LoRA in the dtype the recipe's adapter.lora_dtype = "auto" gives here: TRL's own bfloat16 on a
+    # CPU with native bf16 matmuls (nothing cast), float32 elsewhere
+    from lora_sdpo.model import cast_lora, lora_dtype
+    from lora_sdpo.recipe import AdapterConfig
+
+    cast_lora(trainer.model, lora_dtype(AdapterConfig(), "cpu"))
     trainer.train()
     trl_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     shared = [json.loads(x) for x in (two_step_run / "step-1" / "metrics.jsonl").read_text().splitlines()]
