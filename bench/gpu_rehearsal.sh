@@ -26,10 +26,7 @@ T0=$(date +%s)
 stamp() { echo "== rehearsal: $1 ($(( $(date +%s) - T0 )) s)"; }
 
 if [ ! -x "$VENV/bin/python3" ]; then
-  PY=""
-  for c in python3.12 "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.12*/bin/python3.12; do
-    if "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then PY=$c; break; fi
-  done
+  . bench/python312.sh
   [ -n "$PY" ] || { echo "bench/gpu_rehearsal.sh: no Python 3.12 here (the image's; numpy 2.5.2 needs it)"; exit 2; }
   "$PY" -m venv "$VENV" || exit 1
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements/gpu_image.txt || exit 1

@@ -24,10 +24,7 @@ T0=$(date +%s)
 stamp() { echo "== oldest stack: $1 ($(( $(date +%s) - T0 )) s)"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
-  PY=""
-  for c in python3.12 "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/3.12*/bin/python3.12; do
-    if "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; then PY=$c; break; fi
-  done
+  . bench/python312.sh
   [ -n "$PY" ] || { echo "bench/oldest_stack.sh: no Python 3.12 here (numpy 2.5.2, the GPU image's, needs it)"; exit 2; }
   "$PY" -m venv "$VENV" || exit 1
   # the rest of the closure at the lock's versions: the lock less every name oldest.txt pins, and less

@@ -100,6 +100,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def merge_by_formula(base: Path, adapter: Path) -> tuple[dict, int]:
+    """What M_t must be, recomputed from the saved files alone: every tensor of `base` plus (alpha/r) B @ A
+    in float32 where the adapter has a LoRA pair; and how many tensors the adapter changes."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    lora = load_file(adapter / "adapter_model.safetensors")
+    expected, changed = {}, 0
+    for name, w in all_tensors(base).items():
+        a_key = "base_model.model." + name.removesuffix(".weight") + ".lora_A.weight"
+        expected[name] = w.float()
+        if a_key in lora:
+            expected[name] = expected[name] + scale * (lora[a_key.replace("lora_A", "lora_B")].float() @ lora[a_key].float())
+            changed += 1
+    return expected, changed
+
+
 def all_tensors(folder: Path) -> dict:
     """Every tensor of a safetensors model folder, read with safetensors alone (independent of lora-sdpo's shards.py)."""
     from safetensors import safe_open
