@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from lora_sdpo import manifest  # noqa: E402
 from lora_sdpo.data import load_step_pairs  # noqa: E402
 from lora_sdpo.recipe import load_recipe  # noqa: E402
+from sidecar import Sidecar  # noqa: E402
 
 PARTS = ("load", "reference", "train", "merge", "retention", "diagnostics")
 
@@ -58,6 +59,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--json", help="write every measurement here")
     a = p.parse_args()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").lower()
+    scaled = (a.pairs, a.epochs) != (64, 2)
+    car = Sidecar("end_to_end" + (f"-{isa}" if isa else "") + (f"-{a.pairs}p{a.epochs:g}e" if scaled else ""))
     overrides = [f"steps.{i}.sources.0.limit={a.pairs}" for i in range(2)] + [f"training.num_train_epochs={a.epochs}"]
     recipe = load_recipe(ROOT / "recipes" / "quickstart.toml", overrides)
     work = Path(tempfile.mkdtemp(prefix="sdpo-e2e-"))
@@ -99,6 +103,22 @@ def main() -> None:
     for k in ("load", "reference", "train", "merge"):
         print(f"end-to-end | part {k} | lora-sdpo {mean(lo, k):.1f}s vs hand {mean(hand, k):.1f}s")
     print(f"end-to-end | first losses | lora-sdpo {lo[0]['first_loss']} vs hand {hand[0]['first_loss']}")
+    car.figures = runs
+    each = lambda rs, k, f: " / ".join(f.format(r[k]) for r in rs)  # noqa: E731
+    rows = [["wall time, whole process", each(lo, "wall", "{:.1f} s"), each(hand, "wall", "{:.1f} s")],
+            ["peak RSS", each(lo, "peak_rss_mb", "{:,.0f} MB"), each(hand, "peak_rss_mb", "{:,.0f} MB")]]
+    rows += [[f"part: {k}", each(lo, k, "{:.1f} s"), each(hand, k, "{:.1f} s")] for k in ("load", "reference", "train", "merge")]
+    rows += [[f"part: {k}", each(lo, k, "{:.1f} s"), "not done"] for k in ("retention", "diagnostics")]
+    rows.append(["first loss, steps 1 and 2", ", ".join(f"{x:.4f}" for x in lo[0]["first_loss"]),
+                 ", ".join(f"{x:.4f}" for x in hand[0]["first_loss"])])
+    car.table(f"quickstart, 2 steps ({scale}); {a.rounds} round(s), each figure per round", ["", "lora-sdpo run", "hand-written TRL + PEFT"], rows)
+    ratio = mean(lo, "wall") / mean(hand, "wall")
+    core = sum(mean(lo, k) for k in ("load", "reference", "train", "merge"))
+    hand_core = sum(mean(hand, k) for k in ("load", "reference", "train", "merge"))
+    car.line(f"lora-sdpo / hand-written, whole process: **{ratio:.2f}x** the wall time; load + reference + training + merge "
+             f"alone: {core / hand_core:.2f}x ({core:.1f} s against {hand_core:.1f} s).")
+    car.headline = (f"`lora-sdpo run` {ratio:.2f}x the hand-written TRL + PEFT script's wall time ({mean(lo, 'wall'):.0f} s against "
+                    f"{mean(hand, 'wall'):.0f} s; {scale}); peak RSS {mean(lo, 'peak_rss_mb'):,.0f} against {mean(hand, 'peak_rss_mb'):,.0f} MB")
     # Step anatomy: shares of lora-sdpo's step time (sum over both steps).
     tot = mean(lo, "total")
     shares = {k: mean(lo, k) / tot for k in PARTS}
@@ -109,6 +129,13 @@ def main() -> None:
         + f", other {1 - sum(shares.values()):.1%} | sDPO's additions (load+merge+retention) {extra:.1%} of the steps"
         + f" ({extra + shares['diagnostics']:.1%} with the gamma matrix) | steps {tot:.1f}s of {mean(lo, 'wall'):.1f}s wall"
     )
+    first = manifest.read(work / f"lora-sdpo-{order.index('lora-sdpo')}").steps
+    car.table("step anatomy: lora-sdpo's phases (first round), seconds per step and share of the steps (all rounds)",
+              ["phase", *[f"step {i + 1} (s)" for i in range(len(first))], "share of the steps"],
+              [[k, *[f"{st.timings.get(k, 0):.1f}" for st in first], f"{shares[k]:.1%}"] for k in PARTS])
+    car.line(f"sDPO's additions to a DPO step (load + merge + retention): {extra:.1%} of the steps; "
+             f"{extra + shares['diagnostics']:.1%} with the gamma matrix (`diagnostics.gamma_matrix = false` turns it off).")
+    car.save()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from sidecar import Sidecar
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -92,6 +94,7 @@ def main() -> None:
     if a.arm:
         print(json.dumps(arm(a)))
         return
+    car = Sidecar("flex_cpu")
     results = {}
     for name in ("loop", "flex"):
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -114,6 +117,13 @@ def main() -> None:
         print(f"{name:<6} {s[0]:>14.2f} {steady(s):>15.3f} {sum(s):>9.2f} {results[name]['peak_rss_mb']:>12.0f}")
     print(f"flex compile (first batch minus steady): {compile_s:.1f} s{' (warm cache)' if a.warm_cache else ' (cold cache)'}; "
           + (f"flex pays for it after {compile_s / gain:.0f} batches" if gain > 0 else "flex is not faster per batch: it never pays"))
+    car.figures = {"args": vars(a), **results, "compile_s": compile_s}
+    car.table(f"hidden {a.hidden} x {a.layers} layers, max_length {a.max_length}, {a.pairs} pairs a batch, {a.batches} batches, float32, no gradients",
+              ["arm", "first batch", "steady, per batch", "peak RSS"],
+              [[n, f"{s[0]:.2f} s", f"{steady(s):.3f} s", f"{results[n]['peak_rss_mb']:,.0f} MB"] for n, s in (("loop", loop), ("flex", flex))])
+    car.headline = (f"compiled FlexAttention {steady(flex) / steady(loop):.2f}x the SDPA loop's time per batch once warm, plus a "
+                    f"{compile_s:.0f} s compile; peak RSS {results['flex']['peak_rss_mb'] / results['loop']['peak_rss_mb']:.2f}x")
+    car.save()
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), **results, "compile_s": compile_s}, indent=1))
 

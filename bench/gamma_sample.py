@@ -26,6 +26,7 @@ from lora_sdpo.diagnostics import gammas, paired_difference
 from lora_sdpo.fetch import local_model_dir
 from lora_sdpo.model import load_base, load_tokenizer
 from lora_sdpo.recipe import load_recipe
+from sidecar import Sidecar
 
 
 def main() -> None:
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--recipe", default="recipes/quickstart.toml")
     args = ap.parse_args()
+    car = Sidecar("gamma_sample")
     rec = load_recipe(args.recipe)
     m = manifest.read(args.run)
     if m is None:
@@ -65,6 +67,13 @@ def main() -> None:
             "by_n": by_n,
         }
     print(json.dumps(out, indent=1))
+    car.figures = out
+    car.table(f"paired difference M_(t-1) - S on D_t by sample size, {args.recipe}", ["comparison", "n", "mean", "paired s.e.",
+              "unpaired s.e.", "share positive"], [[k if i == 0 else "", str(n), str(v["mean"]), str(v["se"]), str(v["se_unpaired"]),
+              str(v["share_positive"])] for k, st in out["steps"].items() for i, (n, v) in enumerate(st["by_n"].items())])
+    car.headline = "; ".join(f"{k}: {st['pairs_for_se_2.5']} pairs for a paired s.e. of 2.5 (paired s.d. {st['sd_paired']})"
+                             for k, st in out["steps"].items())
+    car.save()
 
 
 if __name__ == "__main__":

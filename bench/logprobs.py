@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from trl.kernels import ChunkedLogProbFunction
 
+from sidecar import Sidecar
+
 TRAIN_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # DPOTrainer's, for the policy
 
 
@@ -73,6 +75,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=4096, help="vocabulary tile of the narrow fused variant")
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args()
+    car = Sidecar("logprobs")
+    rows = []
     torch.manual_seed(0)
     for shape in a.shapes.split(","):
         vocab, hidden = map(int, shape.split("x"))
@@ -101,6 +105,19 @@ def main() -> None:
                 f"fwd {fwd:6.2f}s bwd {bwd:6.2f}s ({(fwd + bwd) / full_time:.2f}x full) | "
                 f"max |d logp| {d_lp:.1e}, max |d grad| {d_g:.1e}"
             )
+            car.figures[f"{vocab}x{hidden}/{name}"] = {"peak_mb": peak, "fwd_s": fwd, "bwd_s": bwd, "time_vs_full": (fwd + bwd) / full_time,
+                                                      "peak_vs_full": peak / full_peak, "max_d_logp": d_lp, "max_d_grad": d_g}
+            rows.append([f"{vocab} x {hidden}" if name == "fused" else "", name, f"{peak:,.0f} MB", f"{peak / full_peak:.2f}x",
+                         f"{fwd:.2f} + {bwd:.2f} s", f"{(fwd + bwd) / full_time:.2f}x", f"{d_lp:.1e}", f"{d_g:.1e}"])
+    car.table(f"{a.tokens} tokens, float32, best of {a.repeats} for time", ["vocab x hidden", "path", "peak memory", "vs full",
+              "fwd + bwd", "vs full", "max abs diff log p", "max abs diff grad"], rows)
+    f = car.figures
+    big = max((k.split("/")[0] for k in f), key=lambda k: int(k.split("x")[0]))
+    car.headline = (f"exact to {max(v['max_d_logp'] for v in f.values()):.1e} (log p); memory at vocab {big.split('x')[0]}: fused "
+                    f"{f[big + '/fused']['peak_vs_full']:.2f}x full logits, 4096-wide tile {f[big + '/fused-' + str(a.chunk)]['peak_vs_full']:.2f}x; "
+                    f"time {min(v['time_vs_full'] for k, v in f.items() if 'fused' in k):.1f}-"
+                    f"{max(v['time_vs_full'] for k, v in f.items() if 'fused' in k):.1f}x full on the CPU")
+    car.save()
 
 
 if __name__ == "__main__":

@@ -204,8 +204,8 @@ def planner(tiny: bool, arm: str, tokens: int | None = None) -> dict:
             "outside_per_token": config["hidden_size"] * (act + 4), "tokens": t.per_device_train_batch_size * 2 * t.max_length}
 
 
-def report(results: dict, tiny: bool) -> None:
-    """Each arm's measured figures next to the planner's terms (the planner of this checkout)."""
+def report(results: dict, tiny: bool, car=None) -> None:
+    """Each arm's measured figures next to the planner's terms (the planner of this checkout); into `car`'s tables if given."""
     for arm, res in results.items():
         if "oom_at" in res:
             print(f"{arm}: OUT OF MEMORY: killed at {res['oom_at'] / MB:,.0f} MB RSS")
@@ -220,9 +220,11 @@ def report(results: dict, tiny: bool) -> None:
               f"({m['two_row_tokens']} two-row, {m['scored_tokens']} scored); the planner's terms below at these tokens "
               f"(`plan` itself assumes {p['tokens']}, batch x 2 x max_length)")
         print("| term | measured | planner | planner / measured |\n|---|---|---|---|")
+        rows = []
 
         def row(name, meas, est, unit=MB, label="MB"):
-            print(f"| {name} | {meas / unit:,.0f} {label} | {est / unit:,.0f} {label} | {est / meas:.2f} |")
+            rows.append([name, f"{meas / unit:,.0f} {label}", f"{est / unit:,.0f} {label}", f"{est / meas:.2f}"])
+            print("| " + " | ".join(rows[-1]) + " |")
 
         for k in sorted(k for k in m["saved"] if k.startswith("layer")):
             row(f"{k}: saved for backward, per token", m["saved"][k] / tokens, p["layer_per_token"], 1, "bytes")
@@ -231,6 +233,10 @@ def report(results: dict, tiny: bool) -> None:
         row("LM head alone: peak RSS above start (fwd + bwd)", m["head_peak"], parts["LM head tile"])
         row("weights: RSS the load adds", m["weights"], parts["base weights"])
         row("trainer.train(), one step (checkpointing on): peak RSS above start", m["train_peak"], train_terms)
+        if car is not None:
+            car.table(f"{arm} ({'pair forward' if arm == 'pairs' else 'TRL two-row forward'}), {tokens} backbone tokens",
+                      ["term", "measured", "planner", "planner / measured"], rows)
+            car.figures.setdefault("planner_over_measured_train_peak", {})[arm] = train_terms / m["train_peak"]
         print(f"(planner: activations {act_term / MB:,.0f} MB, LM head {parts['LM head tile'] / MB:,.0f} MB, LoRA states "
               f"{parts['LoRA weights, grads, optimizer states'] / MB:,.0f} MB, dequantised weight {parts['dequantised weight'] / MB:,.0f} MB; "
               f"the arm's process peaked at {m.get('process_peak_rss', 0) / MB:,.0f} MB RSS, its reference pass at "
@@ -262,6 +268,9 @@ def main() -> None:
         Path(out).write_text(json.dumps(child(Path(folder), arm, args.ragged)))
         return
 
+    from sidecar import Sidecar
+
+    car = Sidecar("memory_7b" + ("-tiny" if args.tiny else ""))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     cap = int(args.cap_gb * GB) if args.cap_gb else default_cap()
     work = Path(tempfile.mkdtemp(prefix="sdpo-mem7b-"))
@@ -284,7 +293,12 @@ def main() -> None:
         m = json.loads(res.read_text())
         m["process_peak_rss"] = r.max_rss
         results[arm] = {"measured": m}
-    report(results, args.tiny)
+    report(results, args.tiny, car)
+    car.figures["results"] = results
+    ratios = car.figures.get("planner_over_measured_train_peak", {})
+    car.headline = "planner's training peak / measured at Mistral-7B's layer shapes: " + (
+        ", ".join(f"{arm} {r:.2f}x" for arm, r in ratios.items()) or "no arm finished")
+    car.save()
     if args.json:
         Path(args.json).write_text(json.dumps({**results, "tiny": args.tiny}, indent=1))
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from sidecar import Sidecar
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -253,6 +255,19 @@ def divergence(args) -> dict:
     return report
 
 
+def memory_sidecar(car: Sidecar, report: dict) -> None:
+    res = report["results"]
+    best = {k: min(v, key=lambda r: r["wall_s"]) for k, v in res.items()}
+    peak = {k: max(r["peak_rss_mb"] for r in v) for k, v in res.items()}
+    walls = lambda k: " / ".join(f"{r['wall_s']:.2f}" for r in res[k])  # noqa: E731
+    car.table(f"{report['model']['bytes'] / 1e9:.2f} GB float32 model in {report['model']['shards']} shards; {report['adapter']}",
+              ["contender", "wall time (s), each repeat", "peak RSS (MB)"],
+              [[k, walls(k), f"{peak[k]:,.0f}"] for k in res])
+    lo, peft, sync = "lora-sdpo merge (float32)", next(k for k in res if k.startswith("PEFT")), "cp of the shards + sync"
+    car.headline = (f"peak RSS {peak[lo]:,.0f} MB against PEFT's {peak[peft]:,.0f} MB ({peak[lo] / peak[peft]:.2f}x); "
+                    f"wall {best[lo]['wall_s'] / best[sync]['wall_s']:.1f}x `cp` + `sync` (best of each)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -268,7 +283,12 @@ def main() -> None:
         p.add_argument("--json", help="Also write the results here.")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    car = Sidecar(f"merge_{args.what}")
     report = memory(args) if args.what == "memory" else divergence(args)
+    car.figures = report
+    if args.what == "memory":
+        memory_sidecar(car, report)
+    car.save()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from lora_sdpo.data import load_step_pairs, token_lengths  # noqa: E402
 from lora_sdpo.model import load_tokenizer  # noqa: E402
+from sidecar import Sidecar  # noqa: E402
 from lora_sdpo.recipe import load_recipe  # noqa: E402
 
 # (label, overrides of recipes/quickstart.toml)
@@ -96,12 +97,25 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=20, help="shuffles averaged per setting")
     p.add_argument("--quick", action="store_true", help="only the quickstart setting")
     a = p.parse_args()
+    car = Sidecar("padding-quick" if a.quick else "padding")
+    rows = []
     for label, overrides in SETTINGS[:1] if a.quick else SETTINGS:
-        for r in measure(overrides, a.seeds):
+        car.figures[label] = measure(overrides, a.seeds)
+        for r in car.figures[label]:
             print(
                 f"padding | {label} | step {r['step']} ({r['pairs']} pairs) | padded share random {r['random_pad']:.3f}, "
                 f"length-grouped {r['grouped_pad']:.3f} | tokens processed grouped/random {r['tokens_ratio']:.3f}"
             )
+            rows.append([label if r["step"] == 1 else "", f"{r['step']} ({r['pairs']} pairs)", f"{r['random_pad']:.3f}",
+                         f"{r['grouped_pad']:.3f}", f"{r['tokens_ratio']:.3f}"])
+    car.table(f"mean of {a.seeds} shuffles", ["data and batching", "step", "padded share, random", "padded share, grouped",
+                                              "tokens processed, grouped / random"], rows)
+    widest = car.figures[SETTINGS[-1][0]] if not a.quick else car.figures[SETTINGS[0][0]]
+    car.headline = (f"padded share {min(r['random_pad'] for r in widest):.0%}-{max(r['random_pad'] for r in widest):.0%} random, "
+                    f"{min(r['grouped_pad'] for r in widest):.0%}-{max(r['grouped_pad'] for r in widest):.0%} length-grouped "
+                    f"({'quickstart' if a.quick else 'max_length 1024'}); tokens processed "
+                    f"{min(r['tokens_ratio'] for r in widest):.2f}-{max(r['tokens_ratio'] for r in widest):.2f}x")
+    car.save()
 
 
 if __name__ == "__main__":

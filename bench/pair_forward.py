@@ -1,6 +1,8 @@
 """Training throughput of the pair forward against TRL's two-row forward, side by side, one process per arm.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/pair_forward.py [--hidden 1024 --layers 8 --rounds 2 --batches 1] [--cap-gb G]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/pair_forward.py --base ~/.cache/lora-sdpo/models/SmolLM2-135M-Instruct \
+        --max-length 320 --arms pairs,trl-random      # a real model instead of the random one
 
 A random-initialised Llama (hidden 1024, 8 layers, intermediate 2816, 16 heads, the phi-3
 vocabulary of the shipped tokenizer: the backbone is about three quarters of the FLOPs), loaded the
@@ -38,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sidecar import Sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -150,6 +154,10 @@ def child(args) -> dict:
         loss.backward()
         times["step"].append(time.perf_counter() - t)
         del c, r, loss
+        times["pairs"] += len(b)
+        if args.no_parts:
+            print(f"  {name} round {rnd + 1} {a}: step {times['step'][-1]:.1f}s, reference {times['reference'][-1]:.1f}s", file=sys.stderr, flush=True)
+            continue
         # the backbone alone, and the head alone
         peft.zero_grad(set_to_none=True)
         mask = labels[:, 1:] != -100
@@ -176,7 +184,6 @@ def child(args) -> dict:
         (lp if a == "pairs" else lp.view(mask.shape)[mask]).sum().backward()
         times["head"].append(time.perf_counter() - t)
         del lp, hh
-        times["pairs"] += len(b)
         print(f"  {name} round {rnd + 1} {a}: step {times['step'][-1]:.1f}s (backbone {times['backbone'][-1]:.1f}s, "
               f"head {times['head'][-1]:.1f}s), reference {times['reference'][-1]:.1f}s", file=sys.stderr, flush=True)
     out["times"] = times
@@ -195,6 +202,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds of A, B, C")
     ap.add_argument("--batches", type=int, default=1, help="batches per arm per round and dataset")
     ap.add_argument("--data", default="orca,ultrafeedback")
+    ap.add_argument("--base", type=Path, help="a model folder to load instead of building a random one (e.g. the fetched SmolLM2)")
+    ap.add_argument("--no-parts", action="store_true", help="time the whole update and the reference pass only (not the backbone and the head apart)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     ap.add_argument("--cap-gb", type=float, help="kill an arm whose RSS passes this (default: available memory at the start less 2 GB)")
     ap.add_argument("--json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -211,18 +221,28 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(child(args)))
         return
 
+    arms = args.arms.split(",")
+    car = Sidecar("pair_forward" + (f"-{args.base.expanduser().name.split('-')[0].lower()}" if args.base else ""))
     cap = int(args.cap_gb * GB) if args.cap_gb else default_cap()
     print(f"pair forward | each arm in its own process, killed past {cap / GB:.1f} GB RSS", flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     work = Path(tempfile.mkdtemp(prefix="pair-bench-"))
-    subprocess.run([sys.executable, __file__, "--build", str(work / "model"), "--hidden", str(args.hidden), "--layers", str(args.layers)],
-                   check=True, env=env, cwd=ROOT)
-    common = ["--model", str(work / "model"), "--max-length", str(args.max_length), "--batch", str(args.batch), "--batches", str(args.batches)]
+    if args.base:
+        model = args.base.expanduser()
+        cfg = json.loads((model / "config.json").read_text())
+        shape = f"{model.name} (h{cfg['hidden_size']} x {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']:,})"
+    else:
+        model = work / "model"
+        subprocess.run([sys.executable, __file__, "--build", str(model), "--hidden", str(args.hidden), "--layers", str(args.layers)],
+                       check=True, env=env, cwd=ROOT)
+        shape = f"random Llama h{args.hidden} x {args.layers} layers"
+    common = ["--model", str(model), "--max-length", str(args.max_length), "--batch", str(args.batch), "--batches", str(args.batches)]
+    common += ["--no-parts"] if args.no_parts else []
     results = {}
     for name in args.data.split(","):
-        res = {a: {"step": [], "backbone": [], "head": [], "reference": [], "pairs": 0, "rss_peak": 0, "rss_above": 0, "oom": None} for a in ARMS}
+        res = {a: {"step": [], "backbone": [], "head": [], "reference": [], "pairs": 0, "rss_peak": 0, "rss_above": 0, "oom": None} for a in arms}
         for rnd in range(args.rounds):
-            for a in ARMS:
+            for a in arms:
                 if res[a]["oom"]:
                     continue
                 out = work / f"{name}-{a}-{rnd}.json"
@@ -243,17 +263,17 @@ def main() -> None:
                 res[a]["rss_above"] = max(res[a]["rss_above"], c["rss_peak"] - c["rss_before"])
                 res[a].setdefault("tokens", c.get("tokens"))
         out = {}
-        for a in ARMS:
+        for a in arms:
             x = res[a]
             out[a] = {"oom_at_bytes": x["oom"], "peak_rss_bytes": x["rss_peak"], "peak_above_start_bytes": x["rss_above"], "tokens": x.get("tokens")}
             if x["pairs"]:
-                out[a] |= {k: x["pairs"] / sum(x[k]) for k in ("step", "backbone", "head", "reference")}
+                out[a] |= {k: x["pairs"] / sum(x[k]) for k in ("step", "backbone", "head", "reference") if x[k]}
         results[name] = out
-        print(f"\n{name}, max_length {args.max_length}, h{args.hidden} x {args.layers} layers, NF4 + LoRA r16, batch {args.batch}, "
+        print(f"\n{name}, max_length {args.max_length}, {shape}, NF4 + LoRA r16, batch {args.batch}, "
               f"{args.rounds} round(s) x {args.batches} batch(es) per arm; pairs/s (higher is better)\n")
         print("| arm | step | backbone alone | head alone | reference | peak RSS (above start) | backbone tokens/pair (two-row, completion) |")
         print("|---|---|---|---|---|---|---|")
-        for a in ARMS:
+        for a in arms:
             o = out[a]
             tk = o["tokens"]
             toks = f"{tk['backbone_per_pair']:.0f} ({tk['two_row_per_pair']:.0f}, {tk['completion_per_pair']:.0f})" if tk else "-"
@@ -263,17 +283,53 @@ def main() -> None:
             mem = f"{o['peak_rss_bytes'] / MB:,.0f} MB ({o['peak_above_start_bytes'] / MB:,.0f} MB)"
             if o["oom_at_bytes"]:
                 mem += f"; out of memory in a later round at {o['oom_at_bytes'] / MB:,.0f} MB"
-            print(f"| {a} | {o['step']:.3f} | {o['backbone']:.3f} | {o['head']:.3f} | {o['reference']:.3f} | {mem} | {toks} |")
-        p = out["pairs"]
-        for other in ("trl-grouped", "trl-random"):
+            part = lambda k: f"{o[k]:.3f}" if k in o else "-"  # noqa: E731
+            print(f"| {a} | {o['step']:.3f} | {part('backbone')} | {part('head')} | {o['reference']:.3f} | {mem} | {toks} |")
+        p = out.get("pairs", {})
+        for other in [a for a in arms if a != "pairs"]:
             g = out[other]
             if "step" in p and "step" in g:
-                print(f"pair forward | {name} | vs {other}: training {p['step'] / g['step']:.2f}x, backbone alone {p['backbone'] / g['backbone']:.2f}x, "
-                      f"head alone {p['head'] / g['head']:.2f}x, reference pass {p['reference'] / g['reference']:.2f}x", flush=True)
+                alone = (f"backbone alone {p['backbone'] / g['backbone']:.2f}x, head alone {p['head'] / g['head']:.2f}x, "
+                         if "backbone" in p and "backbone" in g else "")
+                print(f"pair forward | {name} | vs {other}: training {p['step'] / g['step']:.2f}x, {alone}reference pass "
+                      f"{p['reference'] / g['reference']:.2f}x", flush=True)
             elif g["oom_at_bytes"]:
                 print(f"pair forward | {name} | vs {other}: {other} ran out of memory (killed at {g['oom_at_bytes'] / MB:,.0f} MB)", flush=True)
+    pair_sidecar(car, results, args, shape, arms)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def pair_sidecar(car: Sidecar, results: dict, args, shape: str, arms: list[str]) -> None:
+    car.figures = results
+    rows = []
+    for name, out in results.items():
+        for a in arms:
+            o = out[a]
+            if "step" not in o:
+                rows.append([name, a, "out of memory", "", "", f"{(o['oom_at_bytes'] or 0) / MB:,.0f} MB (killed)", ""])
+                continue
+            tk = o["tokens"]
+            rows.append([name, a, f"{args.batch / o['step']:.1f} s", f"{args.batch / o['reference']:.1f} s",
+                         f"{o['step']:.3f} / {o['reference']:.3f}", f"{o['peak_rss_bytes'] / MB:,.0f} MB",
+                         f"{tk['backbone_per_pair']:.0f} ({tk['two_row_per_pair']:.0f}, {tk['completion_per_pair']:.0f})" if tk else "-"])
+    car.table(f"{shape}, NF4 + LoRA r16, max_length {args.max_length}, batch {args.batch}; {args.rounds} round(s) x "
+              f"{args.batches} batch(es) per arm and dataset, mean", ["data", "arm", "training update", "reference pass",
+              "pairs/s (update / reference)", "peak RSS", "backbone tokens per pair (two-row, completion)"], rows)
+    heads = []
+    for name, out in results.items():
+        p = out.get("pairs", {})
+        for other in [a for a in arms if a != "pairs"]:
+            g = out[other]
+            if "step" in p and "step" in g:
+                car.line(f"{name}, pair forward against {other}: training update **{p['step'] / g['step']:.2f}x** as fast, reference pass "
+                         f"{p['reference'] / g['reference']:.2f}x, peak RSS {p['peak_rss_bytes'] / g['peak_rss_bytes']:.2f}x.")
+                heads.append((name, p["step"] / g["step"], p["reference"] / g["reference"], p["peak_rss_bytes"] / g["peak_rss_bytes"]))
+    if heads:
+        car.headline = ("pair forward against TRL's two-row forward: training update " + ", ".join(f"{h[1]:.2f}x" for h in heads)
+                        + " as fast, reference " + ", ".join(f"{h[2]:.2f}x" for h in heads) + ", peak RSS "
+                        + ", ".join(f"{h[3]:.2f}x" for h in heads) + " (" + ", ".join(h[0] for h in heads) + ")")
+    car.save()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sidecar import Sidecar
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 PICO = ROOT / "models" / "pico-llama-phi3"
@@ -114,6 +116,8 @@ def main() -> None:
         model, batch, length, gc = a.child
         print(json.dumps(child(model, int(batch), int(length), gc == "1")))
         return
+    car = Sidecar("plan_check-quick" if a.quick else "plan_check")
+    rows = []
     work = Path(tempfile.mkdtemp(prefix="sdpo-plan-"))
     built: dict[str, Path] = {}
     results = []
@@ -144,6 +148,8 @@ def main() -> None:
             f"training peak measured {m['train_peak'] / MB:.0f} MB, estimated {e_train / MB:.0f} MB "
             f"({e_train / m['train_peak']:.2f}x; activations {act / MB:.0f}, LM head {e['LM head tile'] / MB:.0f})"
         )
+        rows.append([name, f"{batch} x 2 x {length}", "on" if gc else "off", f"{m['weights'] / MB:.0f} / {e_weights / MB:.0f} MB",
+                     f"{m['train_peak'] / MB:,.0f} MB", f"{e_train / MB:,.0f} MB", f"{e_train / m['train_peak']:.2f}x"])
         prev = results[-2] if len(results) > 1 else None
         if prev and prev["model"] == name and not prev["gc"] and gc:
             # same model and shapes: the difference is the activations checkpointing does not keep
@@ -151,6 +157,12 @@ def main() -> None:
             e_d = sum(prev["estimate"].values()) - sum(e.values())
             print(f"planner | {name} | activations freed by checkpointing: measured {m_d / MB:.0f} MB, estimated {e_d / MB:.0f} MB ({e_d / m_d:.2f}x)")
     shutil.rmtree(work, ignore_errors=True)
+    car.figures["results"] = results
+    car.table("", ["model", "batch x rows x max_length", "gradient checkpointing", "weights measured / estimated",
+                   "training peak measured", "estimated", "estimate / measured"], rows)
+    ratios = [sum(v for k, v in r["estimate"].items() if k != "base weights") / r["measured"]["train_peak"] for r in results]
+    car.headline = f"training peak estimated at {min(ratios):.2f}-{max(ratios):.2f}x the measured peak ({len(ratios)} settings)"
+    car.save()
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 

@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sidecar import Sidecar
+
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {
     "wall_s": r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)",
@@ -74,6 +76,7 @@ def main() -> None:
                     help="an environment variable for this checkout's arm (with --against) or both arms; repeatable")
     ap.add_argument("--json")
     args = ap.parse_args()
+    car = Sidecar("quickstart_ab-against" if args.against or args.env else "quickstart_ab")
     extra_env = dict(e.split("=", 1) for e in args.env)
     tree = args.against.resolve() if args.against else None
     name = {True: f"against {tree}", False: "this checkout"} if tree else {True: "prefix_sharing=true", False: "prefix_sharing=false"}
@@ -94,6 +97,21 @@ def main() -> None:
           f"{mean(off, 'peak_rss_mb'):.0f} MB, CPU (user+sys) {(mean(on, 'user_s') + mean(on, 'sys_s')) / (mean(off, 'user_s') + mean(off, 'sys_s')):.2f}x, "
           f"minor faults {mean(on, 'minor_faults') / mean(off, 'minor_faults'):.2f}x | largest logged-loss difference at the same "
           f"update {diff:.2e} (losses per step: {len(on[0]['losses'][0])}, {len(on[0]['losses'][-1])})")
+    car.figures = {"on": on, "off": off}
+    label = ("this checkout", str(tree)) if tree else ("pair forward (prefix_sharing = true)", "TRL's forward (prefix_sharing = false)")
+    car.table(f"{args.rounds} round(s), alternated", ["arm", "round", "wall", "peak RSS", "CPU user + sys", "minor page faults"],
+              [[label[j] if i == 0 else "", str(i + 1), f"{r['wall_s']:.0f} s", f"{r['peak_rss_mb']:,.0f} MB",
+                f"{r['user_s'] + r['sys_s']:.0f} s", f"{r['minor_faults'] / 1e6:.1f}M"]
+               for j, rs in enumerate((on, off)) for i, r in enumerate(rs)])
+    wall = mean(on, "wall_s") / mean(off, "wall_s")
+    rss = mean(on, "peak_rss_mb") / mean(off, "peak_rss_mb")
+    car.line(f"{label[0]} / {label[1]}: wall time **{wall:.2f}x**, peak RSS **{rss:.2f}x**, CPU time "
+             f"{(mean(on, 'user_s') + mean(on, 'sys_s')) / (mean(off, 'user_s') + mean(off, 'sys_s')):.2f}x.")
+    car.line(f"Largest difference between the two arms' logged losses at the same update: {diff:.1e}. Tokens through the backbone "
+             "per step, pair forward against TRL's two rows: " + ", ".join(f"{t['backbone']:,} / {t['two_row']:,}" for t in on[0]["tokens"] if t) + ".")
+    car.headline = (f"pair forward {wall:.2f}x the wall time of TRL's forward ({mean(on, 'wall_s'):.0f} s against "
+                    f"{mean(off, 'wall_s'):.0f} s), peak RSS {rss:.2f}x ({mean(on, 'peak_rss_mb'):,.0f} against {mean(off, 'peak_rss_mb'):,.0f} MB)")
+    car.save()
     if args.json:
         Path(args.json).write_text(json.dumps({"on": on, "off": off}, indent=1))
 

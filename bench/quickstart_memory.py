@@ -106,6 +106,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from memwatch import status
+    from sidecar import Sidecar
+
+    car = Sidecar("quickstart_memory" + ("" if args.quickstart else f"-{args.steps}x{args.pairs}"))
     from lora_sdpo import cli, step as step_mod
     from lora_sdpo.samples import SampleLog
 
@@ -185,6 +188,12 @@ def main() -> None:
     print("peak per step (MB): " + ", ".join(f"{i}: {v / MB:,.0f}" for i, v in per_step.items()))
     for i, alive in alive_at_start.items():
         print(f"models alive when step {i} starts: {len(alive)}" + (f" ({', '.join(alive)})" if alive else ""))
+    car.figures = {"peak": peak, "phases": phases, "per_step": per_step, "alive": alive_at_start}
+    car.table("RSS by phase (MB)", ["phase", "at start", "peak", "at end"],
+              [[k, f"{p['enter'] / MB:,.0f}", f"{p['peak'] / MB:,.0f}", f"{p['exit'] / MB:,.0f}"] for k, p in phases.items()])
+    car.line(f"models alive when a step starts: {', '.join(f'step {i}: {len(a)}' for i, a in alive_at_start.items())}")
+    car.headline = f"peak RSS {peak / MB:,.0f} MB (VmHWM), in '{top[2]}'"
+    car.save()
     if args.json:
         Path(args.json).write_text(json.dumps({"peak": peak, "phases": phases, "per_step": per_step, "alive": alive_at_start,
                                                "samples": s.samples, "events": s.events}, indent=0))

@@ -64,9 +64,14 @@ def merge_lines() -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", help="comma-separated subset of " + ",".join(BENCHES))
+    p.add_argument("--save", action="store_true", help="keep the scripts' sidecars in bench/results/ (default: a temporary folder, "
+                   "since these scaled-down runs are not BENCHMARKS.md's figures)")
     a = p.parse_args()
     names = a.only.split(",") if a.only else list(BENCHES)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    if not a.save:
+        env["LORA_SDPO_BENCH_RESULTS"] = tempfile.mkdtemp(prefix="bench-results-")
+        os.environ["LORA_SDPO_BENCH_RESULTS"] = env["LORA_SDPO_BENCH_RESULTS"]
     t0 = time.perf_counter()
     for name in names:
         load, t = loadavg(), time.perf_counter()
