@@ -101,7 +101,9 @@ def estimate(model: str, batch: int, max_length: int, gc: bool) -> dict:
     from lora_sdpo.plan import memory_estimate
     from lora_sdpo.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.toml", [f"training.per_device_train_batch_size={batch}", f"training.max_length={max_length}"])
+    # the child trains on TRL's own path (two rows, TRL's head), so the planner is asked about that path
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.toml", [f"training.per_device_train_batch_size={batch}", f"training.max_length={max_length}",
+                                                                "training.prefix_sharing=false"])
     config = json.loads((Path(model) / "config.json").read_text())
     return memory_estimate(config, recipe.adapter, recipe.recipe.training, device="cpu", gradient_checkpointing=gc)
 

@@ -23,53 +23,38 @@ PAGE = ROOT / "BENCHMARKS.md"
 # (sidecar name, heading, what it measures and how to read it), in page order.
 SECTIONS: list[tuple[str, str, str]] = [
     ("quickstart_ab", "The quickstart: pair forward against TRL's forward",
-     "The shipped quickstart (`lora-sdpo run recipes/quickstart.toml`, two steps of 64 pairs, 2 epochs) with "
-     "`training.prefix_sharing` on (the default: each pair as one packed sequence, shared prompt computed once, "
-     "LM head on completion tokens only) and off (TRL's two-row forward), each run its own process under "
-     "`/usr/bin/time -v`, alternated. The logged losses of the two paths must agree to rounding: both compute the "
-     "same DPO loss."),
+     "The shipped quickstart with `training.prefix_sharing` on (the default: the prompt once, pairs packed, the LM "
+     "head on completion tokens only) and off (TRL's two-row forward), each run its own process, alternated. Both "
+     "compute the same DPO loss, so their logged losses must agree to rounding."),
     ("end_to_end", "End to end: `lora-sdpo run` against the same two steps written by hand",
-     "`bench/hand_trl.py` is the quickstart's two steps as a user would write them with TRL and PEFT (4-bit "
-     "`from_pretrained`, DPOTrainer with a LoRA `peft_config` and a precomputed reference, PEFT's "
-     "`merge_and_unload`, step 2 from that), on the same rows with the same settings. It does not do what "
-     "lora-sdpo adds (data checks, the retention check, the gamma matrix, the report). Each runs in its own "
-     "process, alternated; wall time and peak RSS are measured from outside, the parts come from lora-sdpo's "
-     "manifest and the script's JSON line. The step anatomy gives each phase's share of lora-sdpo's steps."),
+     "`bench/hand_trl.py` does the quickstart's two steps as a user would with TRL and PEFT (4-bit load, DPOTrainer "
+     "with a LoRA config and a precomputed reference, `merge_and_unload`), same rows and settings, without what "
+     "lora-sdpo adds (data checks, retention, gamma matrix, report). Separate processes, timed from outside; the "
+     "step anatomy is each phase's share of lora-sdpo's steps."),
     ("end_to_end-avx2", "End to end on an AVX2-only instruction set",
-     "The same comparison with `ONEDNN_MAX_CPU_ISA=AVX2` for both processes, so that oneDNN computes as on a "
-     "CPU without AVX-512 or AMX (many cloud EPYC machines). Only oneDNN's kernels are capped; torch's own "
-     "vectorised kernels still use what the CPU has, so a true AVX2 machine can be slower still."),
+     "The same with `ONEDNN_MAX_CPU_ISA=AVX2`: oneDNN computes as on a CPU without AVX-512 or AMX. torch's own "
+     "kernels still use what the CPU has, so a true AVX2 machine can be slower."),
     ("pair_forward-smollm2", "Training update at a real model's shape: SmolLM2-135M-Instruct",
-     "One DPO training update (forward and backward of 8 pairs against precomputed reference log-probs) and "
-     "the reference pass (no-grad forward, adapter off), on SmolLM2-135M-Instruct (from `lora-sdpo fetch "
-     "smollm2`) loaded as lora-sdpo loads a step's base (NF4, float32 compute, LoRA r16 on every projection), "
-     "on the shipped Orca and UltraFeedback pairs at the SmolLM2 recipe's max_length. Arms: `pairs` "
-     "(lora-sdpo's pair forward) and `trl-random` (TRL's two-row forward on TRL's default random batches); "
-     "each (dataset, round, arm) in its own process, alternated. Higher pairs/s is better; peak RSS is the "
-     "whole child process."),
+     "One DPO update (8 pairs, forward and backward, against precomputed reference log-probs) and the reference "
+     "pass, on SmolLM2-135M-Instruct (`lora-sdpo fetch smollm2`) loaded as a step's base (NF4, float32 compute, "
+     "LoRA r16), on the shipped pairs at the SmolLM2 recipe's max_length: lora-sdpo's pair forward against TRL's "
+     "two-row forward on random batches, each in its own process, alternated. Peak RSS is the whole child."),
     ("logprobs", "Log-probs: TRL's fused LM head against full logits",
-     "What training computes per token, `log p(label) = h.W[label] - logsumexp(h.W^T)` and its gradient with "
-     "respect to h, in float32, paths interleaved in one process: `fused` is TRL's `ChunkedLogProbFunction` "
-     "as `add_fused_lm_head` uses it (a CPU torch fallback over 32768-wide vocabulary tiles), `full` is "
-     "`log_softmax` of the whole logits, `fused-4096` is the same TRL function with a 4096-wide tile. The "
-     "fused paths must be exact to float32 rounding; their memory and time against full logits are the "
-     "figures."),
+     "`log p(label)` and its gradient with respect to the hidden states, float32, interleaved in one process: TRL's "
+     "`ChunkedLogProbFunction` as `add_fused_lm_head` uses it (32768-wide vocabulary tiles on the CPU), full "
+     "`log_softmax`, and TRL's function with a 4096-wide tile. The fused paths must be exact to float32 rounding."),
     ("padding", "Padding: random batches against length-grouped batches",
-     "TRL's collator pads the 2B sequences of a batch to the longest. This replays random order and "
-     "transformers' `LengthGroupedSampler` over the real token lengths of the shipped data, averaged over "
-     "shuffles, without training: the share of padded positions and the tokens processed, grouped over "
-     "random. Grouping pays where lengths vary within a batch's reach (max_length 1024), not where most "
-     "pairs are cut to the same length."),
+     "Random order against transformers' `LengthGroupedSampler`, replayed over the shipped data's token lengths "
+     "(no training): the padded share of TRL's batches and the tokens processed."),
     ("plan_check", "Memory planner against measured peaks (CPU)",
-     "`lora-sdpo plan`'s estimate of a training step's peak against the peak RSS of a real step in a fresh "
-     "process, with gradient checkpointing off and on: the pico model and a random-initialised Llama. An "
-     "estimate above the measurement is the safe side."),
+     "`lora-sdpo plan`'s estimate of a training step's peak against the peak RSS of a real step in a fresh process, "
+     "checkpointing off and on. An estimate above the measurement is the safe side."),
+    ("quickstart_memory", "The quickstart's memory, phase by phase",
+     "RSS sampled every 50 ms through `lora-sdpo run recipes/quickstart.toml`, by phase."),
     ("merge_memory", "Merge: memory and time on a 1 GB model",
-     "`lora-sdpo merge` of a rank-16 LoRA on every projection of a random 1.08 GB float32 Llama (6 shards) "
-     "against PEFT's `from_pretrained` + `merge_and_unload` + `save_pretrained`, and `cp` of the shards as "
-     "the floor, each in its own process under `/usr/bin/time -v`. lora-sdpo streams: it holds one row "
-     "block and its delta at a time and copies unchanged tensors file to file; it fsyncs what it writes, "
-     "so `cp` + `sync` is the fair floor."),
+     "`lora-sdpo merge` of a rank-16 LoRA on every projection of a random 1.08 GB float32 Llama against PEFT's "
+     "`merge_and_unload`, and `cp` as the floor, each in its own process. lora-sdpo streams and fsyncs what it "
+     "writes, so `cp` + `sync` is the fair floor."),
 ]
 
 # Sections rendered only when their sidecar exists; otherwise listed under "Not on this page" with the
@@ -77,7 +62,6 @@ SECTIONS: list[tuple[str, str, str]] = [
 LATER: list[tuple[str, str, str]] = [
     ("pair_forward", "Pair forward at hidden 1024 x 8 layers, max_length 1024", "bench/pair_forward.py --rounds 2"),
     ("flex_cpu", "Compiled FlexAttention against the SDPA loop for passes without gradients", "bench/flex_cpu.py"),
-    ("quickstart_memory", "The quickstart's memory, phase by phase", "bench/quickstart_memory.py --quickstart"),
     ("memory_7b", "The planner against one step at Mistral-7B's layer shapes", "bench/memory_7b.py"),
     ("merge_divergence", "Which merge base, W or dequant(NF4(W)), against the trained model",
      "bench/merge_bench.py divergence --run RUN_DIR"),
@@ -111,16 +95,29 @@ def load_sidecars(folder: Path = RESULTS) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-def machine_line(s: dict) -> str:
-    m, ld = s["machine"], s["load"]
+SETUP_KEYS = ("threads", "onednn_max_cpu_isa")  # settings of one run, not of the machine
+
+
+def machine(m: dict) -> str:
     isa = ", ".join(m.get("isa", [])) or "no AVX2"
     libs = ", ".join(f"{k} {m[k]}" for k in ("transformers", "trl", "peft", "bitsandbytes") if k in m)
-    threads = f" ({m['threads']} threads)" if "threads" in m else ""
-    capped = f"; `ONEDNN_MAX_CPU_ISA={m['onednn_max_cpu_isa']}`" if m.get("onednn_max_cpu_isa") else ""
+    return (f"{m['cpu']}, {m['cores']} cores ({isa}), {m['ram_gb']} GB RAM; Python {m['python']}, torch {m.get('torch', '?')}, "
+            f"{libs}")
+
+
+def shared_machine(sidecars: dict[str, dict]) -> str | None:
+    """The machine line, when every sidecar ran on the same machine and stack (else None: each section says)."""
+    lines = {machine({k: v for k, v in s["machine"].items() if k not in SETUP_KEYS}) for s in sidecars.values()}
+    return lines.pop() if len(lines) == 1 else None
+
+
+def run_line(s: dict, shared: str | None) -> str:
+    m, ld = s["machine"], s["load"]
+    where = "" if shared else f"*Machine:* {machine(m)}. "
+    capped = f" with `ONEDNN_MAX_CPU_ISA={m['onednn_max_cpu_isa']}`" if m.get("onednn_max_cpu_isa") else ""
     dirty = " with uncommitted changes" if s.get("dirty") else ""
-    return (f"*Machine:* {m['cpu']}, {m['cores']} cores ({isa}){capped}, {m['ram_gb']} GB RAM; Python {m['python']}, "
-            f"torch {m.get('torch', '?')}{threads}, {libs}. *Load* {ld['start']:.2f} -> {ld['end']:.2f} (highest "
-            f"{ld['max']:.2f}). *Run* {s['date']}, commit {s['commit']}{dirty}, {s['wall_s']:.0f} s.")
+    return (f"{where}*Run* {s['date']}{capped}, commit {s['commit']}{dirty}, {s['wall_s']:.0f} s; *load* {ld['start']:.2f} -> "
+            f"{ld['end']:.2f} (highest {ld['max']:.2f}).")
 
 
 def table(t: dict) -> str:
@@ -130,25 +127,24 @@ def table(t: dict) -> str:
     return "\n".join(out)
 
 
-def anchor(heading: str) -> str:
-    keep = "".join(c for c in heading.lower() if c.isalnum() or c in " -_")
-    return keep.replace(" ", "-")
-
-
 def render(sidecars: dict[str, dict]) -> str:
     sections = SECTIONS + [(name, heading, MEANING_LATER) for name, heading, _ in LATER]
     known = [s for s in sections if s[0] in sidecars]
     unknown = sorted(set(sidecars) - {s[0] for s in sections})
     if unknown:
         raise SystemExit(f"bench/results: no section in bench/render.py for {', '.join(unknown)}: add one to SECTIONS or delete the file")
-    parts = [HEADER, "## At a glance", "", "| benchmark | result | load |", "|---|---|---|"]
+    shared = shared_machine({n: sidecars[n] for n, _, _ in known})
+    parts = [HEADER]
+    if shared:
+        parts += [f"**Machine** of every result below: {shared}.", ""]
+    parts += ["## At a glance", "", "| benchmark | result | highest load |", "|---|---|---|"]
     for name, heading, _ in known:
         s = sidecars[name]
-        parts.append(f"| [{heading}](#{anchor(heading)}) | {s['headline']} | {s['load']['max']:.1f} |")
+        parts.append(f"| {heading} | {s['headline']} | {s['load']['max']:.1f} |")
     parts.append("")
     for name, heading, meaning in known:
         s = sidecars[name]
-        parts += [f"## {heading}", "", f"    {s['command']}", "", meaning, "", machine_line(s), ""]
+        parts += [f"## {heading}", "", f"    {s['command']}", "", meaning, "", run_line(s, shared), ""]
         for t in s["tables"]:
             parts += [table(t), ""]
         parts += [f"- {line}" for line in s["lines"]]
