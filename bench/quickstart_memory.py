@@ -189,8 +189,9 @@ def main() -> None:
     for i, alive in alive_at_start.items():
         print(f"models alive when step {i} starts: {len(alive)}" + (f" ({', '.join(alive)})" if alive else ""))
     car.figures = {"peak": peak, "phases": phases, "per_step": per_step, "alive": alive_at_start}
-    car.table("RSS by phase (MB)", ["phase", "at start", "peak", "at end"],
-              [[k, f"{p['enter'] / MB:,.0f}", f"{p['peak'] / MB:,.0f}", f"{p['exit'] / MB:,.0f}"] for k, p in phases.items()])
+    car.table("RSS by phase (MB; the sub-phases are in the sidecar's figures)", ["phase", "at start", "peak", "at end"],
+              [[k.removeprefix("start > "), f"{p['enter'] / MB:,.0f}", f"{p['peak'] / MB:,.0f}", f"{p['exit'] / MB:,.0f}"]
+               for k, p in phases.items() if k.count(" > ") <= 1])
     car.line(f"models alive when a step starts: {', '.join(f'step {i}: {len(a)}' for i, a in alive_at_start.items())}")
     car.headline = f"peak RSS {peak / MB:,.0f} MB (VmHWM), in '{top[2]}'"
     car.save()
