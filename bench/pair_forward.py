@@ -238,7 +238,7 @@ def main() -> None:
         shape = f"random Llama h{args.hidden} x {args.layers} layers"
     common = ["--model", str(model), "--max-length", str(args.max_length), "--batch", str(args.batch), "--batches", str(args.batches)]
     common += ["--no-parts"] if args.no_parts else []
-    results = {}
+    results, heads = {}, []
     for name in args.data.split(","):
         res = {a: {"step": [], "backbone": [], "head": [], "reference": [], "pairs": 0, "rss_peak": 0, "rss_above": 0, "oom": None} for a in arms}
         for rnd in range(args.rounds):
@@ -289,18 +289,21 @@ def main() -> None:
         for other in [a for a in arms if a != "pairs"]:
             g = out[other]
             if "step" in p and "step" in g:
-                alone = (f"backbone alone {p['backbone'] / g['backbone']:.2f}x, head alone {p['head'] / g['head']:.2f}x, "
-                         if "backbone" in p and "backbone" in g else "")
-                print(f"pair forward | {name} | vs {other}: training {p['step'] / g['step']:.2f}x, {alone}reference pass "
-                      f"{p['reference'] / g['reference']:.2f}x", flush=True)
+                x = {k: p[k] / g[k] for k in ("step", "backbone", "head", "reference", "peak_rss_bytes") if k in p and k in g}
+                alone = f"backbone alone {x['backbone']:.2f}x, head alone {x['head']:.2f}x, " if "backbone" in x else ""
+                print(f"pair forward | {name} | vs {other}: training {x['step']:.2f}x, {alone}reference pass {x['reference']:.2f}x", flush=True)
+                car.line(f"{name}, pair forward against {other}: training update **{x['step']:.2f}x** as fast, reference pass "
+                         f"{x['reference']:.2f}x, peak RSS {x['peak_rss_bytes']:.2f}x.")
+                heads.append((name if len(arms) == 2 else f"{name} vs {other}", x["step"], x["reference"], x["peak_rss_bytes"]))
             elif g["oom_at_bytes"]:
                 print(f"pair forward | {name} | vs {other}: {other} ran out of memory (killed at {g['oom_at_bytes'] / MB:,.0f} MB)", flush=True)
-    pair_sidecar(car, results, args, shape, arms)
+    pair_sidecar(car, results, args, shape, arms, heads)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
-def pair_sidecar(car: Sidecar, results: dict, args, shape: str, arms: list[str]) -> None:
+def pair_sidecar(car: Sidecar, results: dict, args, shape: str, arms: list[str], heads: list[tuple]) -> None:
+    """The sidecar's table and headline; `heads` holds (data, update, reference, peak RSS) ratios, pair forward / TRL."""
     car.figures = results
     rows = []
     for name, out in results.items():
@@ -316,15 +319,6 @@ def pair_sidecar(car: Sidecar, results: dict, args, shape: str, arms: list[str])
     car.table(f"{shape}, NF4 + LoRA r16, max_length {args.max_length}, batch {args.batch}; {args.rounds} round(s) x "
               f"{args.batches} batch(es) per arm and dataset, mean", ["data", "arm", "training update", "reference pass",
               "pairs/s (update / reference)", "peak RSS", "backbone tokens per pair (two-row, completion)"], rows)
-    heads = []
-    for name, out in results.items():
-        p = out.get("pairs", {})
-        for other in [a for a in arms if a != "pairs"]:
-            g = out[other]
-            if "step" in p and "step" in g:
-                car.line(f"{name}, pair forward against {other}: training update **{p['step'] / g['step']:.2f}x** as fast, reference pass "
-                         f"{p['reference'] / g['reference']:.2f}x, peak RSS {p['peak_rss_bytes'] / g['peak_rss_bytes']:.2f}x.")
-                heads.append((name, p["step"] / g["step"], p["reference"] / g["reference"], p["peak_rss_bytes"] / g["peak_rss_bytes"]))
     if heads:
         car.headline = ("pair forward against TRL's two-row forward: training update " + ", ".join(f"{h[1]:.2f}x" for h in heads)
                         + " as fast, reference " + ", ".join(f"{h[2]:.2f}x" for h in heads) + ", peak RSS "

@@ -127,12 +127,12 @@ def lora_dtype(adapter: AdapterConfig, device: str) -> torch.dtype | None:
 
 def cast_lora(model, dtype: torch.dtype | None) -> int:
     """Cast the trainable (LoRA) parameters to `dtype` before the optimizer exists; returns how many."""
-    n = 0
-    for p in model.parameters():
-        if dtype is not None and p.requires_grad and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-            n += 1
-    return n
+    if dtype is None:
+        return 0
+    cast = [p for p in model.parameters() if p.requires_grad and p.dtype != dtype]
+    for p in cast:
+        p.data = p.data.to(dtype)
+    return len(cast)
 
 
 def lora_config(adapter: AdapterConfig) -> LoraConfig:
