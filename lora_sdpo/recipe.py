@@ -50,7 +50,7 @@ class AdapterConfig(_Strict):
         "auto",
         description="dtype of the LoRA weights in training. auto: TRL's choice (bfloat16 on a 4-bit base, after the QLoRA "
         "paper) where the device has native bfloat16 matmuls (CUDA, a CPU with AVX512-BF16 or AMX), float32 elsewhere "
-        "(on an AVX2-only CPU bfloat16 matmuls are several times slower).",
+        "(an AVX2-only CPU emulates bfloat16 matmuls, slowly).",
     )
 
     @field_validator("target_modules")
